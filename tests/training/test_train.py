@@ -1,0 +1,95 @@
+"""Training end to end: loss falls, each tuning mode changes exactly its components, and every output
+folder loads with plain transformers / peft."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlmtune.config import load_config
+from vlmtune.training.run import train
+from vlmtune.tuning.plan import TuningPlan
+from vlmtune.models.llava import LLAVA
+
+PREFIXES = {"vision": "model.vision_tower.", "projector": "model.multi_modal_projector.", "llm": "model.language_model."}
+
+
+def config(model, data, out, **tune):
+    tree = {"model": {"path": str(model)}, "data": {"train": str(data), "max_length": 64},
+            "tune": tune, "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "logging_steps": 2, "save_steps": 3,
+                                    "warmup_ratio": 0.0},
+            "output": {"dir": str(out)}}
+    return load_config(tree=tree)
+
+
+def changed_components(before: dict, after: dict) -> set[str]:
+    changed = set()
+    for name, tensor in after.items():
+        if not torch.equal(tensor, before[name]):
+            changed |= {c for c, prefix in PREFIXES.items() if name.startswith(prefix)}
+    return changed
+
+
+def test_loss_falls_and_logs(tiny_vlm, color_data, tmp_path):
+    cfg = config(tiny_vlm, color_data, tmp_path / "run", vision="full", projector="full", llm="full")
+    cfg.train.max_steps, cfg.train.save_steps = 30, 0
+    result = train(cfg)
+    assert result.final_loss < 0.5 * result.first_loss
+    records = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(2, 31, 2))
+    assert all({"step", "loss", "learning_rate"} <= set(r) for r in records)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+FULL_MODES = [("full", "frozen", "frozen"), ("frozen", "full", "frozen"), ("frozen", "full", "full"), ("full", "full", "full")]
+LORA_MODES = [("frozen", "frozen", "lora"), ("lora", "full", "lora"), ("lora", "lora", "lora"), ("full", "frozen", "lora"),
+              ("lora", "frozen", "frozen")]
+
+
+@pytest.mark.parametrize("vision,projector,llm", FULL_MODES)
+def test_full_modes_load_with_plain_transformers(tiny_vlm, color_data, tmp_path, vision, projector, llm):
+    out = tmp_path / "run"
+    train(config(tiny_vlm, color_data, out, vision=vision, projector=projector, llm=llm))
+    expected = {c for c, mode in zip(PREFIXES, (vision, projector, llm)) if mode != "frozen"}
+    base = AutoModelForImageTextToText.from_pretrained(tiny_vlm).state_dict()
+    for folder in (out, out / "checkpoint-3"):
+        processor = AutoProcessor.from_pretrained(folder)
+        model = AutoModelForImageTextToText.from_pretrained(folder)
+        assert processor.chat_template and processor.tokenizer.pad_token_id is not None
+        assert changed_components(base, model.state_dict()) == expected
+    assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json", "tokenizer.json",
+            "chat_template.jinja", "vlmtune.json", "trainer_log.jsonl"} <= {p.name for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("vision,projector,llm", LORA_MODES)
+def test_lora_modes_load_with_peft(tiny_vlm, color_data, tmp_path, vision, projector, llm):
+    out = tmp_path / "run"
+    train(config(tiny_vlm, color_data, out, vision=vision, projector=projector, llm=llm))
+    expected = {c for c, mode in zip(PREFIXES, (vision, projector, llm)) if mode != "frozen"}
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_vlm.resolve())
+    base = AutoModelForImageTextToText.from_pretrained(tiny_vlm)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, out).merge_and_unload()
+    assert changed_components(before, merged.state_dict()) == expected
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.chat_template and (out / "generation_config.json").is_file()
+
+
+def test_plan_groups_use_component_rates(tiny_vlm):
+    cfg = load_config(tree={"model": {"path": "m"}, "data": {"train": "t"}, "output": {"dir": "o"},
+                            "tune": {"vision": "lora", "projector": "full", "llm": "full",
+                                     "lr": {"vision": 1e-5, "projector": 2e-4}}, "train": {"lr": 3e-3}})
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm)
+    plan = TuningPlan(cfg.tune, LLAVA, cfg.train.lr)
+    wrapped = plan.apply(model)
+    rates = {g["name"]: g["lr"] for g in plan.param_groups(wrapped, weight_decay=0.1)}
+    assert rates == {"vision": 1e-5, "projector": 2e-4, "llm": 3e-3}
+    rows = {r.name: r for r in plan.rows(wrapped)}
+    assert rows["projector"].trainable == rows["projector"].total > 0
+    assert 0 < rows["vision"].trainable < rows["vision"].total
+    assert rows["llm"].trainable == rows["llm"].total
+    lora_layers = [n for n, _ in wrapped.named_modules() if n.endswith("lora_A")]
+    assert lora_layers and all(".vision_tower." in n for n in lora_layers)

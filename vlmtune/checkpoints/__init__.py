@@ -1,0 +1,1 @@
+"""Complete model folders: save, load, describe."""

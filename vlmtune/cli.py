@@ -1,0 +1,178 @@
+"""The `vlmtune` command: a thin layer that maps each subcommand to one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from vlmtune import __version__
+
+EXIT_BAD_DATA = 1
+EXIT_USAGE = 2
+
+
+def _keys_help() -> str:
+    from vlmtune.config import describe_keys
+
+    lines = ["config keys (YAML sections, or key=value overrides):"]
+    lines += [f"  {key:<28} {default:<14} {text}" for key, default, text in describe_keys()]
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    from vlmtune.config import load_config
+    from vlmtune.training.run import train
+
+    cfg = load_config(args.config, args.overrides)
+    resume = True if args.resume == "auto" else args.resume
+    train(cfg, resume=resume)
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from vlmtune.console import console
+    from vlmtune.data.check import check_data, encode_checked
+
+    report = check_data(args.files, args.images_root)
+    if args.model:
+        from vlmtune.checkpoints.load import load_model
+        from vlmtune.data.encode import SampleEncoder
+
+        loaded = load_model(args.model)
+        encode_checked(report, SampleEncoder(loaded.processor, loaded.family, args.max_length, args.loss_on))
+    if args.json:
+        print(json.dumps({"summary": report.summary(), "problems": [str(p) for p in report.problems]}, indent=2))
+    else:
+        for problem in report.problems:
+            console.print(f"[red]error[/] {problem}")
+        for line in report.summary():
+            console.print(line)
+        verdict = "[green]OK[/]" if not report.problems else f"[red]{len(report.problems)} problem(s)[/]"
+        console.print(f"data check: {verdict}")
+    return EXIT_BAD_DATA if report.problems else 0
+
+
+def cmd_generate(args) -> int:
+    from vlmtune.console import console
+    from vlmtune.inference.generate import generate_predictions, write_predictions
+
+    predictions, problems = generate_predictions(args.model, args.data, args.images_root, args.batch_size,
+                                                 args.max_new_tokens)
+    write_predictions(predictions, args.out)
+    for problem in problems:
+        console.print(f"[yellow]skipped[/] {problem}")
+    console.print(f"wrote {len(predictions)} predictions to {args.out} ({len(problems)} sample(s) skipped)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from vlmtune.console import console
+    from vlmtune.inference.generate import evaluate
+
+    result = evaluate(args.model, args.data, out=args.out, images_root=args.images_root, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens)
+    console.print(f"exact-match accuracy {result['accuracy']:.4f} ({result['correct']}/{result['evaluated']}; "
+                  f"{result['skipped']} skipped); per-sample results: {args.out}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from vlmtune.inference.chat import chat
+
+    chat(args.model, image=args.image, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from vlmtune.demo.run import run_demo
+
+    run_demo(args.out, train_images=args.train_images, eval_images=args.eval_images, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmtune", description="Fine-tune vision-language models.")
+    parser.add_argument("--version", action="version", version=f"vlmtune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a YAML config", epilog=_keys_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Example: vlmtune train examples/stage2_lora.yaml tune.llm=lora train.lr=2e-4")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. tune.llm=lora train.lr=2e-5")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue the run in output.dir from its newest checkpoint (or from the given checkpoint)")
+    p.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="validate data files before training",
+                        description="Example: vlmtune data check train.jsonl --model runs/stage1")
+    p.add_argument("files", nargs="+", help="JSON or JSON Lines data files")
+    p.add_argument("--model", help="also tokenize against this model's processor and chat template")
+    p.add_argument("--images-root", help="folder image paths are relative to (default: each file's folder)")
+    p.add_argument("--max-length", type=int, default=2048, help="token budget per sample (with --model)")
+    p.add_argument("--loss-on", choices=["assistant", "last_turn", "all"], default="assistant")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_data_check)
+
+    for name, func, text in (("generate", cmd_generate, "answer every sample of a data file (batched)"),
+                             ("eval", cmd_eval, "exact-match accuracy against each sample's last assistant turn")):
+        p = sub.add_parser(name, help=text, description=f"Example: vlmtune {name} runs/stage2 --data eval.jsonl"
+                           + (" --out preds.jsonl" if name == "generate" else ""))
+        p.add_argument("model", help="model folder (full model or LoRA adapter)")
+        p.add_argument("--data", required=True, help="data file; the last assistant turn is the target")
+        p.add_argument("--out", required=name == "generate", default="eval_results.jsonl",
+                       help="JSON Lines file for per-sample results")
+        p.add_argument("--images-root", help="folder image paths are relative to")
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("chat", help="chat interactively (streams tokens)",
+                       description="Example: vlmtune chat runs/stage2 --image cat.png   (then /image, /reset, /quit)")
+    p.add_argument("model", help="model folder (full model or LoRA adapter)")
+    p.add_argument("--image", help="image for the first message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo", help="train a tiny VLM from scratch on synthetic shapes and report accuracy",
+                       description="Example: vlmtune demo --out demo-out")
+    p.add_argument("--out", default="demo-out", help="output folder (data, models, report.json)")
+    p.add_argument("--train-images", type=int, default=2000)
+    p.add_argument("--eval-images", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    from vlmtune.checkpoints.load import ModelLoadError
+    from vlmtune.config import ConfigError
+    from vlmtune.console import console
+    from vlmtune.data.records import DataError
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return args.func(args)
+    except (ConfigError, ModelLoadError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return EXIT_USAGE
+    except DataError as err:
+        console.print(f"[red]error:[/] {err}")
+        return EXIT_BAD_DATA
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

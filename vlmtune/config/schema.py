@@ -1,0 +1,131 @@
+"""The run configuration: one typed schema that YAML, CLI overrides and `--help` all come from.
+
+Key names are a public contract (scripts and other tools write them); add keys, never rename.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Mode = Literal["frozen", "full", "lora"]
+COMPONENTS = ("vision", "projector", "llm")
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str | None = Field(None, description="A model folder (full model or vlmtune LoRA output) to fine-tune.")
+    vision: str | None = Field(None, description="Vision encoder folder; with `model.llm`, builds a new VLM (stage 1).")
+    llm: str | None = Field(None, description="Language model folder (with tokenizer); used with `model.vision`.")
+    projector: Literal["mlp2x_gelu", "linear"] = Field(
+        "mlp2x_gelu", description="Projector for a newly built VLM: `mlp2x_gelu` (Linear-GELU-Linear) or `linear`."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder. Only for folders you trust.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if self.path and (self.vision or self.llm):
+            raise ValueError("give either `model.path` or `model.vision` + `model.llm`, not both")
+        if not self.path and not (self.vision and self.llm):
+            missing = [k for k in ("vision", "llm") if not getattr(self, k)]
+            raise ValueError(
+                "no model given: set `model.path` to a model folder, or both `model.vision` and `model.llm` "
+                f"to build a new VLM (missing: {', '.join('model.' + k for k in missing)})"
+            )
+        return self
+
+
+class DataConfig(Section):
+    train: list[str] = Field(..., description="Training data files (JSON or JSON Lines); a string or a list.")
+    eval: list[str] = Field(default_factory=list, description="Evaluation data files, evaluated at each save.")
+    images_root: str | None = Field(None, description="Folder image paths are relative to (default: each data file's folder).")
+    max_length: int = Field(2048, gt=0, description="Maximum tokens per sample, image tokens included.")
+    loss_on: Literal["assistant", "last_turn", "all"] = Field(
+        "assistant", description="Which tokens are trained: every `assistant` turn, the `last_turn` only, or `all` text."
+    )
+    skip_bad: bool = Field(False, description="Skip samples that fail the data check (counted) instead of refusing the run.")
+    num_workers: int = Field(0, ge=0, description="Data-loader worker processes (images load lazily in them).")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _as_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class LoraSettings(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    targets: dict[Literal["vision", "projector", "llm"], list[str]] = Field(
+        default_factory=dict,
+        description="Per component, the names of the linear layers to adapt (e.g. `{llm: [q_proj, v_proj]}`); "
+        "default: every linear layer of the component.",
+    )
+
+
+class ComponentRates(Section):
+    vision: float | None = Field(None, gt=0, description="Learning rate of the vision encoder (default `train.lr`).")
+    projector: float | None = Field(None, gt=0, description="Learning rate of the projector (default `train.lr`).")
+    llm: float | None = Field(None, gt=0, description="Learning rate of the language model (default `train.lr`).")
+
+
+class TuneConfig(Section):
+    vision: Mode = Field("frozen", description="Vision encoder: `frozen`, `full` or `lora`.")
+    projector: Mode = Field("full", description="Projector: `frozen`, `full` or `lora`.")
+    llm: Mode = Field("full", description="Language model: `frozen`, `full` or `lora`.")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    lr: ComponentRates = Field(default_factory=ComponentRates)
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> TuneConfig:
+        if all(getattr(self, c) == "frozen" for c in COMPONENTS):
+            raise ValueError("every component is frozen: set at least one of `tune.vision`, `tune.projector`, `tune.llm` to `full` or `lora`")
+        return self
+
+    def mode(self, component: str) -> str:
+        return getattr(self, component)
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when `train.max_steps` is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides `train.epochs`.")
+    batch_size: int = Field(8, gt=0, description="Samples per device per step.")
+    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
+    lr: float = Field(2e-5, gt=0, description="Learning rate for components without their own `tune.lr.<component>`.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="`auto` = bf16 on a GPU that supports it, else fp32. fp16 needs a CUDA GPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N steps.")
+    save_steps: int = Field(500, ge=0, description="Write `checkpoint-<step>` every N steps (0: only the final model).")
+    save_total_limit: int | None = Field(None, gt=0, description="Keep at most N checkpoints (oldest deleted first).")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate on `data.eval` every N steps (default: `train.save_steps`).")
+    tensorboard: bool = Field(False, description="Also write TensorBoard logs to `<output.dir>/runs`.")
+
+
+class OutputConfig(Section):
+    dir: str = Field(..., description="Folder for checkpoints, logs and the final model.")
+    overwrite: bool = Field(False, description="Allow writing into a non-empty `output.dir`.")
+
+
+class RunConfig(Section):
+    """A whole `vlmtune train` run."""
+
+    model: ModelConfig
+    data: DataConfig
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig

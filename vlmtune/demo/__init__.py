@@ -1,0 +1,1 @@
+"""The built-in demo: a tiny VLM learns synthetic shapes from scratch."""

@@ -1,0 +1,1 @@
+"""Generate, evaluate and chat with a trained model."""

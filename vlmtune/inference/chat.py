@@ -1,0 +1,75 @@
+"""`vlmtune chat`: an interactive conversation that streams tokens as they are generated."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from threading import Thread
+from typing import TextIO
+
+import torch
+from transformers import TextIteratorStreamer
+
+from vlmtune.checkpoints.load import LoadedModel, load_model
+from vlmtune.data.dataset import load_image
+from vlmtune.data.encode import SampleEncoder
+
+HELP = "commands: /image PATH (attach an image to your next message), /reset, /quit"
+
+
+def chat(model: str | Path | LoadedModel, image: str | None = None, max_new_tokens: int = 256,
+         stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> list[dict]:
+    """Read user lines from `stdin`, stream answers to `stdout`; returns the conversation."""
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    processor, family, net = loaded.processor, loaded.family, loaded.model.eval()
+    messages: list[dict] = []
+    images: list = []
+    pending = image
+    print(HELP, file=stdout)
+    while True:
+        print("you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() == "/quit":
+            return messages
+        line = line.strip()
+        if line == "/reset":
+            messages, images, pending = [], [], None
+            continue
+        if line.startswith("/image"):
+            pending = line.removeprefix("/image").strip()
+            if not Path(pending).is_file():
+                print(f"no such image: {pending}", file=stdout)
+                pending = None
+            continue
+        parts = []
+        if pending:
+            images.append(load_image(Path(pending), "chat"))
+            parts.append({"type": "image"})
+            pending = None
+        parts.append({"type": "text", "text": line})
+        messages.append({"role": "user", "content": parts})
+        answer = _reply(net, processor, family, messages, images, max_new_tokens, stdout)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+
+
+def _reply(net, processor, family, messages, images, max_new_tokens, stdout) -> str:
+    ids = SampleEncoder(processor, family, max_length=sys.maxsize).generation_ids(messages, images)
+    inputs = {"input_ids": torch.tensor([ids])}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if images:
+        inputs.update(family.image_inputs(processor, images))
+    device = next(net.parameters()).device
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = {k: v.to(device) for k, v in inputs.items()} | {
+        "max_new_tokens": max_new_tokens, "do_sample": False, "streamer": streamer,
+        "pad_token_id": processor.tokenizer.pad_token_id}
+    worker = Thread(target=lambda: net.generate(**kwargs))
+    worker.start()
+    print("model> ", end="", file=stdout, flush=True)
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        print(piece, end="", file=stdout, flush=True)
+    worker.join()
+    print(file=stdout)
+    return "".join(pieces).strip()
