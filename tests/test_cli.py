@@ -53,7 +53,7 @@ def test_train_refuses_bad_data_then_skips_with_count(tiny_vlm, tmp_path, capsys
                        train={"max_steps": 2, "batch_size": 2, "save_steps": 0}, output={"dir": str(tmp_path / "out")})
     assert main(["train", cfg]) == 1
     out = capsys.readouterr().out
-    assert "train data: 2 problem(s)" in out and "nope.png does not exist" in out and "unknown role 'robot'" in out
+    assert "train data: 2 bad sample(s), 2 problem(s)" in out and "nope.png does not exist" in out and "unknown role 'robot'" in out
     assert not (tmp_path / "out").exists()
     assert main(["train", cfg, "data.skip_bad=true"]) == 0
     out = capsys.readouterr().out

@@ -86,6 +86,42 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from rich.table import Table
+
+    from vlmtune.checkpoints.inspect import describe
+    from vlmtune.console import console, human_count
+
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    console.print(f"[bold]{info['path']}[/]: {info.get('layout')}"
+                  + (f" — {info['architecture']}" if info.get("architecture") else ""))
+    table = Table(title="components")
+    for column in ("component", "tensors", "params", "dtypes", "tuned"):
+        table.add_column(column)
+    for name, group in info["components"].items():
+        table.add_row(name, str(group["tensors"]), human_count(group["params"]), ",".join(group["dtypes"]),
+                      (info.get("tuned") or {}).get(name, "-"))
+    console.print(table)
+    for key in ("adapter", "needs_base", "state", "trainer_state"):
+        if info.get(key):
+            console.print(f"{key}: {json.dumps(info[key], default=str)}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from vlmtune.checkpoints.verify import verify
+    from vlmtune.console import console
+
+    result = verify(args.path)
+    for step, passed, detail in result.steps:
+        console.print(f"{'[green]ok[/]  ' if passed else '[red]FAIL[/]'} {step}: {detail}")
+    console.print(f"verify {args.path}: " + ("[green]OK[/]" if result.ok else "[red]FAILED[/]"))
+    return 0 if result.ok else EXIT_BAD_DATA
+
+
 def cmd_demo(args) -> int:
     from vlmtune.demo.run import run_demo
 
@@ -138,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("inspect", help="say what a model folder, checkpoint, adapter or weight file is",
+                       description="Example: vlmtune inspect runs/stage2/checkpoint-500 --json")
+    p.add_argument("path", help="folder or weight file (.safetensors, .bin, .pth)")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="check hashes, load the model and run one forward pass",
+                       description="Example: vlmtune verify runs/stage2   (exit 0 only when every check passes)")
+    p.add_argument("path", help="model folder or checkpoint written by vlmtune")
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("demo", help="train a tiny VLM from scratch on synthetic shapes and report accuracy",
                        description="Example: vlmtune demo --out demo-out")
     p.add_argument("--out", default="demo-out", help="output folder (data, models, report.json)")
@@ -164,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError) as err:
+    except (ConfigError, ModelLoadError, FileNotFoundError) as err:
         console.print(f"[red]error:[/] {err}")
         return EXIT_USAGE
     except DataError as err:

@@ -93,3 +93,11 @@ def test_plan_groups_use_component_rates(tiny_vlm):
     assert rows["llm"].trainable == rows["llm"].total
     lora_layers = [n for n, _ in wrapped.named_modules() if n.endswith("lora_A")]
     assert lora_layers and all(".vision_tower." in n for n in lora_layers)
+
+
+def test_gradient_checkpointing_and_bf16_on_cpu(tiny_vlm, color_data, tmp_path):
+    cfg = config(tiny_vlm, color_data, tmp_path / "run", vision="lora", projector="full", llm="lora")
+    cfg.train.gradient_checkpointing, cfg.train.precision, cfg.train.save_steps = True, "bf16", 0
+    result = train(cfg)
+    assert result.steps == 6 and torch.isfinite(torch.tensor(result.final_loss))
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

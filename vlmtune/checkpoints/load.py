@@ -1,4 +1,5 @@
-"""Load a model folder of any kind vlmtune writes: a full model, or a PEFT adapter plus its base."""
+"""Load any model folder vlmtune writes — full, LoRA adapter on its base, or delta on its base — and
+say where each component's weights came from."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoProcessor
 
+from vlmtune.checkpoints.manifest import model_fingerprint, read_manifest
+from vlmtune.checkpoints.save import DELTA_WEIGHTS
 from vlmtune.models.registry import Family, family_for
 
 
@@ -23,39 +27,49 @@ class LoadedModel:
     processor: Any
     family: Family
     path: Path
-    kind: str  # "full" | "lora"
-    base: Path | None = None  # the base model folder an adapter needs
+    kind: str  # "full" | "lora" | "delta" | "built"
+    base: Path | None = None  # the base model folder an adapter or delta needs
     sources: dict[str, str] = field(default_factory=dict)  # component -> where its weights came from
+    notes: list[str] = field(default_factory=list)  # unexpected or missing weights, in words
+
+    def report(self) -> list[str]:
+        """The load report: each component and its source, then anything surprising."""
+        if self.kind == "built":
+            lines = [f"built a new {self.family.name} model from parts"]
+        else:
+            lines = [f"loaded {self.path} ({self.kind}{', base ' + str(self.base) if self.base else ''})"]
+        lines += [f"  {component:<10} {source}" for component, source in self.sources.items()]
+        lines += [f"  note: {note}" for note in self.notes]
+        return lines
 
 
 def has_processor(folder: Path) -> bool:
     return (folder / "processor_config.json").is_file() or (folder / "preprocessor_config.json").is_file()
 
 
-def adapter_base(folder: Path) -> Path:
-    """The base model folder recorded in an adapter's `adapter_config.json`."""
-    config = json.loads((folder / "adapter_config.json").read_text())
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise ModelLoadError(f"{folder}/adapter_config.json records no `base_model_name_or_path`; cannot find its base model")
-    base_path = Path(base)
-    if not base_path.is_absolute():
-        base_path = (folder / base_path) if (folder / base_path).exists() else base_path
-    if not (base_path / "config.json").is_file():
+def _base_folder(folder: Path, recorded: str | None, what: str) -> Path:
+    if not recorded:
+        raise ModelLoadError(f"{folder}: {what} records no base model; cannot find the weights it builds on")
+    base = Path(recorded)
+    if not base.is_absolute() and (folder / base).exists():
+        base = folder / base
+    if not (base / "config.json").is_file():
         raise ModelLoadError(
-            f"adapter {folder} needs its base model {base}, which is not a model folder here; "
-            "copy the base there or edit `base_model_name_or_path` in its adapter_config.json"
+            f"{folder} needs its base model {recorded}, which is not a model folder here; "
+            f"put the base there (or fix the path in {what})"
         )
-    return base_path
+    return base
 
 
 def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapters: bool = True) -> LoadedModel:
-    """Load `path` for training or inference; adapters are applied to their base (and merged by default)."""
+    """Load `path` for training or inference; adapters are applied to their base (merged by default)."""
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"model path {folder} is not a folder")
     if (folder / "adapter_config.json").is_file():
         return _load_adapter(folder, trust_remote_code, merge_adapters)
+    if (folder / DELTA_WEIGHTS).is_file():
+        return _load_delta(folder, trust_remote_code)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not a model folder: it has neither config.json nor adapter_config.json")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -63,18 +77,69 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapt
     if not has_processor(folder):
         raise ModelLoadError(f"{folder} has no processor_config.json or preprocessor_config.json: the image processor is missing")
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    model = family.model_class.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    sources = {c: str(folder) for c in family.components}
-    return LoadedModel(model, processor, family, folder, "full", sources=sources)
+    model, info = family.model_class.from_pretrained(folder, trust_remote_code=trust_remote_code, output_loading_info=True)
+    loaded = LoadedModel(model, processor, family, folder, "full", sources={c: f"{folder}" for c in family.components})
+    _explain(loaded, info.get("missing_keys", []), info.get("unexpected_keys", []), info.get("mismatched_keys", []))
+    return loaded
+
+
+def _explain(loaded: LoadedModel, missing, unexpected, mismatched) -> None:
+    """Turn transformers' key lists into one sentence per component."""
+    by_component: dict[str, list[str]] = {}
+    for key in missing:
+        by_component.setdefault(loaded.family.component_of(key) or "other", []).append(key)
+    for component, keys in by_component.items():
+        if component in loaded.sources:
+            loaded.sources[component] = f"NEWLY INITIALISED ({len(keys)} tensor(s) not in {loaded.path}, e.g. {keys[0]})"
+        else:
+            loaded.notes.append(f"{len(keys)} tensor(s) outside any component were newly initialised, e.g. {keys[0]}")
+    if unexpected:
+        loaded.notes.append(f"{len(unexpected)} tensor(s) in {loaded.path} match no parameter of the model and were "
+                            f"ignored, e.g. {list(unexpected)[:3]}: the folder may be from another architecture")
+    if mismatched:
+        loaded.notes.append(f"{len(mismatched)} tensor(s) had the wrong shape and were re-initialised: {list(mismatched)[:3]}")
 
 
 def _load_adapter(folder: Path, trust_remote_code: bool, merge: bool) -> LoadedModel:
     from peft import PeftModel
 
-    base = load_model(adapter_base(folder), trust_remote_code=trust_remote_code)
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    base = load_model(_base_folder(folder, adapter.get("base_model_name_or_path"), "adapter_config.json"),
+                      trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(base.model, folder)
+    lora, full = set(), set()
+    for name, module in model.named_modules():
+        component = base.family.component_of(name)
+        if component and hasattr(module, "lora_A"):
+            lora.add(component)
+        if component and name.endswith("modules_to_save"):
+            full.add(component)
     if merge:
         model = model.merge_and_unload()
     processor = AutoProcessor.from_pretrained(folder) if has_processor(folder) else base.processor
-    sources = {c: f"{base.path} + adapter {folder}" for c in base.family.components}
-    return LoadedModel(model, processor, base.family, folder, "lora", base=base.path, sources=sources)
+    sources = {c: (f"{folder} (fully trained, saved with the adapter)" if c in full else
+                   f"{base.path} + LoRA from {folder}" if c in lora else f"{base.path}")
+               for c in base.family.components}
+    return LoadedModel(model, processor, base.family, folder, "lora", base=base.path, sources=sources, notes=base.notes)
+
+
+def _load_delta(folder: Path, trust_remote_code: bool) -> LoadedModel:
+    manifest = read_manifest(folder) or {}
+    recorded = manifest.get("base", {})
+    base_path = _base_folder(folder, recorded.get("path"), "vlmtune.json")
+    if recorded.get("fingerprint") and model_fingerprint(base_path) != recorded["fingerprint"]:
+        raise ModelLoadError(
+            f"{folder} is a delta on {base_path}, but that folder is not the base it was trained from "
+            "(its config or weights differ from the fingerprint recorded in vlmtune.json); "
+            "restore the original base or load a full checkpoint"
+        )
+    base = load_model(base_path, trust_remote_code=trust_remote_code)
+    delta = load_file(str(folder / DELTA_WEIGHTS))
+    result = base.model.load_state_dict(delta, strict=False)
+    if result.unexpected_keys:
+        raise ModelLoadError(f"{folder}/{DELTA_WEIGHTS} holds {len(result.unexpected_keys)} tensor(s) the base model "
+                             f"does not have, e.g. {result.unexpected_keys[:3]}")
+    tuned = {base.family.component_of(k) for k in delta}
+    processor = AutoProcessor.from_pretrained(folder) if has_processor(folder) else base.processor
+    sources = {c: (f"{folder} (delta)" if c in tuned else f"{base.path}") for c in base.family.components}
+    return LoadedModel(base.model, processor, base.family, folder, "delta", base=base.path, sources=sources)

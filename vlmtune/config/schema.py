@@ -114,11 +114,18 @@ class TrainConfig(Section):
     save_total_limit: int | None = Field(None, gt=0, description="Keep at most N checkpoints (oldest deleted first).")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate on `data.eval` every N steps (default: `train.save_steps`).")
     tensorboard: bool = Field(False, description="Also write TensorBoard logs to `<output.dir>/runs`.")
+    resume: str | None = Field(
+        None, description="`auto`: continue from the newest complete checkpoint in `output.dir`; or a checkpoint folder."
+    )
 
 
 class OutputConfig(Section):
     dir: str = Field(..., description="Folder for checkpoints, logs and the final model.")
     overwrite: bool = Field(False, description="Allow writing into a non-empty `output.dir`.")
+    save: Literal["full", "delta"] = Field(
+        "full", description="`delta`: the final folder holds only the tuned components' weights plus a reference to the base."
+    )
+    merge: bool = Field(False, description="After a LoRA run, also write the merged full model to `<output.dir>/merged`.")
 
 
 class RunConfig(Section):

@@ -21,6 +21,11 @@ class DataReport:
     problems: list[Problem] = field(default_factory=list)
 
     @property
+    def bad(self) -> int:
+        """Samples with at least one problem."""
+        return self.records - len(self.samples)
+
+    @property
     def truncated(self) -> int:
         return sum(1 for e in self.encoded if e.truncated)
 
@@ -28,7 +33,7 @@ class DataReport:
         with_images = sum(1 for s in self.samples if s.images)
         lines = [
             f"files: {', '.join(self.files)}",
-            f"records: {self.records}; usable: {len(self.samples)}; bad: {self.records - len(self.samples)}",
+            f"records: {self.records}; usable: {len(self.samples)}; bad: {self.bad}",
             f"samples with images: {with_images}; text-only: {len(self.samples) - with_images}; "
             f"images: {sum(len(s.images) for s in self.samples)}",
         ]

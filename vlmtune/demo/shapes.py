@@ -13,8 +13,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220), "yellow": (230, 200, 20)}
+IMAGE_SIZE = 32
 SIZES = {"small": 4, "large": 7}  # half-width in pixels
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 QUESTIONS = {
@@ -44,7 +45,7 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES)), rng.choice(POSITIONS))
 
 
-def render(scene: Scene, rng: random.Random, size: int = 32) -> Image.Image:
+def render(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     """The shape somewhere inside its quadrant, on a lightly noisy background."""
     shade = rng.randint(225, 255)
     image = Image.new("RGB", (size, size), (shade, shade, shade))
@@ -59,10 +60,8 @@ def render(scene: Scene, rng: random.Random, size: int = 32) -> Image.Image:
         draw.ellipse(box, fill=color)
     elif scene.shape == "square":
         draw.rectangle(box, fill=color)
-    elif scene.shape == "triangle":
-        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=color)
     else:
-        draw.polygon([(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)], fill=color)
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=color)
     return image
 
 
@@ -88,7 +87,8 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def make_dataset(out: Path, train_images: int = 2000, eval_images: int = 200, seed: int = 0) -> dict[str, Path]:
+def make_dataset(out: Path, train_images: int = 2000, eval_images: int = 200, seed: int = 0,
+                 questions_per_image: int = 4) -> dict[str, Path]:
     """Write images and three files: stage-1 captions (LLaVA format), stage-2 multi-turn questions
     (ShareGPT format), and held-out single questions for evaluation (LLaVA format)."""
     rng = random.Random(seed)
@@ -101,13 +101,12 @@ def make_dataset(out: Path, train_images: int = 2000, eval_images: int = 200, se
     ]
     questions = []
     for i, (path, scene) in enumerate(train):
-        first, second = rng.sample(list(QUESTIONS), 2)
-        questions.append({"id": f"qa{i}", "images": [path], "messages": [
-            {"role": "user", "content": f"<image>{QUESTIONS[first]}"},
-            {"role": "assistant", "content": scene.answer(first)},
-            {"role": "user", "content": QUESTIONS[second]},
-            {"role": "assistant", "content": scene.answer(second)},
-        ]})
+        asked = rng.sample(list(QUESTIONS), questions_per_image)
+        messages = []
+        for turn, attribute in enumerate(asked):
+            messages.append({"role": "user", "content": ("<image>" if turn == 0 else "") + QUESTIONS[attribute]})
+            messages.append({"role": "assistant", "content": scene.answer(attribute)})
+        questions.append({"id": f"qa{i}", "images": [path], "messages": messages})
     evaluation = []
     for i, (path, scene) in enumerate(held_out):
         attribute = list(QUESTIONS)[i % len(QUESTIONS)]

@@ -114,5 +114,11 @@ LLAVA = register(
         image_token_counts=image_token_counts,
         image_inputs=image_inputs,
         build=build,
+        key_renames=(  # transformers before 4.52 (and 5.x when saving) name LLaVA weights this way
+            ("language_model.model.", "model.language_model."),
+            ("language_model.lm_head.", "lm_head."),
+            ("vision_tower.", "model.vision_tower."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+        ),
     )
 )

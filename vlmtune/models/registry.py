@@ -25,6 +25,23 @@ class Family:
     image_token_counts: Callable[[Any, list[Path]], list[int]]  # (processor, image paths) -> tokens per image
     image_inputs: Callable[[Any, list[Image.Image]], dict[str, torch.Tensor]]  # (processor, images) -> model kwargs
     build: Callable[..., tuple[torch.nn.Module, Any]] | None = None  # (vision_dir, llm_dir, projector, ...) -> (model, processor)
+    # older key namings found in saved weights -> the current module paths (first matching prefix wins)
+    key_renames: tuple[tuple[str, str], ...] = ()
+
+    def canonical_key(self, key: str) -> str:
+        """A weight name as the current transformers module tree spells it."""
+        for old, new in self.key_renames:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
+    def component_of(self, name: str) -> str | None:
+        """The component a parameter or module name belongs to (PEFT's wrapper prefix ignored)."""
+        name = name.removeprefix("base_model.model.")
+        for component, prefixes in self.components.items():
+            if any(name == p or name.startswith(p + ".") for p in prefixes):
+                return component
+        return None
 
 
 _FAMILIES: list[Family] = []

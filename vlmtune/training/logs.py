@@ -34,6 +34,12 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def truncate_log(path: Path, after_step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint: they are about to be run again."""
+    kept = [r for r in read_log(path) if r.get("step", 0) <= after_step]
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
 def plot_loss(log_path: Path, out: Path) -> Path | None:
     """Training (and eval) loss against step; returns None when nothing was logged."""
     records = read_log(log_path)

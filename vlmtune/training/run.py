@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,9 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
 from vlmtune.checkpoints.load import LoadedModel, load_model
-from vlmtune.checkpoints.save import save_model_folder
+from vlmtune.checkpoints.manifest import data_fingerprint, model_fingerprint, read_manifest
+from vlmtune.checkpoints.save import DELTA_WEIGHTS, STAGING, save_model_folder
+from vlmtune.checkpoints.verify import verify
 from vlmtune.config import ConfigError, RunConfig
 from vlmtune.console import console, plan_table
 from vlmtune.data.check import DataReport, check_data, encode_checked
@@ -20,10 +23,18 @@ from vlmtune.data.dataset import Collator, ConversationDataset
 from vlmtune.data.encode import SampleEncoder
 from vlmtune.data.records import DataError
 from vlmtune.models.registry import family_named
-from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, plot_loss, read_log
+from vlmtune.training.checkpointing import (
+    CompleteCheckpoints,
+    clean_staging,
+    complete_checkpoints,
+    restore_full_weights,
+    resume_point,
+)
+from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, plot_loss, read_log, truncate_log
 from vlmtune.tuning.plan import TuningPlan
 
-BASE_DIR = "base"  # where a LoRA run keeps a base model that exists nowhere else on disk
+BASE_DIR = "base"  # where a LoRA or delta run keeps a base model that exists nowhere else on disk
+MERGED_DIR = "merged"  # `output.merge`: the LoRA run's merged full model
 
 
 @dataclass
@@ -53,19 +64,22 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         )
 
 
-def prepare_data(files: list[str], cfg: RunConfig, encoder: SampleEncoder, role: str) -> DataReport:
-    """Check and encode one split; refuse bad samples unless `data.skip_bad` (then count them)."""
-    report = encode_checked(check_data(files, cfg.data.images_root), encoder)
+def refuse_bad_data(report: DataReport, cfg: RunConfig, role: str) -> None:
     if report.problems and not cfg.data.skip_bad:
         raise DataError(
             report.problems,
-            f"{role} data: {len(report.problems)} problem(s); fix them (see `vlmtune data check`) "
-            "or set data.skip_bad=true to skip those samples",
+            f"{role} data: {report.bad} bad sample(s), {len(report.problems)} problem(s); fix them "
+            "(see `vlmtune data check`) or set data.skip_bad=true to skip those samples",
         )
+
+
+def prepare_data(report: DataReport, cfg: RunConfig, encoder: SampleEncoder, role: str) -> DataReport:
+    """Encode a checked split; refuse bad samples unless `data.skip_bad` (then count them)."""
+    refuse_bad_data(encode_checked(report, encoder), cfg, role)
     for line in report.summary():
-        console.print(f"[{role}] {line}")
+        console.print(f"\\[{role}] {line}")
     if report.problems:
-        console.print(f"[{role}] [yellow]skipped {len(report.problems)} bad sample(s) (data.skip_bad=true):[/]")
+        console.print(f"\\[{role}] [yellow]skipped {report.bad} bad sample(s) (data.skip_bad=true):[/]")
         for problem in report.problems[:10]:
             console.print(f"  - {problem}")
     if not report.encoded:
@@ -83,21 +97,23 @@ def load_or_build(cfg: RunConfig) -> LoadedModel:
 
 
 def ensure_base_on_disk(loaded: LoadedModel, out: Path) -> Path:
-    """An adapter needs a base folder: a plain full model is its own; anything else is saved once."""
+    """An adapter needs a base folder: a plain full model is its own; anything else is saved once.
+    The absolute path is what the adapter records, so it loads from any working directory."""
     if loaded.kind == "full":
-        return loaded.path.resolve()
-    base = out / BASE_DIR
-    save_model_folder(loaded.model, loaded.processor, base, {"role": "base model of the adapter in ..", "sources": loaded.sources})
-    loaded.model.name_or_path = str(base.resolve())
-    loaded.model.config._name_or_path = str(base.resolve())
-    return base.resolve()
+        base = loaded.path.resolve()
+    else:
+        base = (out / BASE_DIR).resolve()
+        save_model_folder(loaded.model, loaded.processor, base, {"role": "base model of the adapter in ..",
+                                                                 "sources": loaded.sources})
+    loaded.model.name_or_path = loaded.model.config._name_or_path = str(base)
+    return base
 
 
-def training_arguments(cfg: RunConfig, out: Path, precision: str, has_eval: bool) -> TrainingArguments:
+def training_arguments(cfg: RunConfig, staging: Path, precision: str, has_eval: bool) -> TrainingArguments:
     t = cfg.train
     eval_steps = t.eval_steps or (t.save_steps or None)
     return TrainingArguments(
-        output_dir=str(out),
+        output_dir=str(staging),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -111,12 +127,12 @@ def training_arguments(cfg: RunConfig, out: Path, precision: str, has_eval: bool
         seed=t.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # pruning is CompleteCheckpoints' job: it never deletes the newest complete one
         eval_strategy="steps" if has_eval and eval_steps else "no",
         eval_steps=eval_steps,
         report_to=["tensorboard"] if t.tensorboard else "none",
@@ -127,67 +143,127 @@ def training_arguments(cfg: RunConfig, out: Path, precision: str, has_eval: bool
     )
 
 
-def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
+def base_record(loaded: LoadedModel, base_path: Path | None) -> dict:
+    """What the run started from: the base folder (with fingerprint) or the parts a new VLM was built from."""
+    if base_path is not None:
+        return {"path": str(base_path), "fingerprint": model_fingerprint(base_path), "sources": loaded.sources}
+    if loaded.kind == "built":
+        parts = {c: {"path": str(Path(p).resolve()), "fingerprint": model_fingerprint(Path(p))}
+                 for c, p in loaded.sources.items() if Path(p).is_dir()}
+        return {"built_from": parts, "sources": loaded.sources}
+    return {"path": str(loaded.path.resolve()), "fingerprint": model_fingerprint(loaded.path), "sources": loaded.sources}
+
+
+def components_record(plan: TuningPlan, model, files: dict[str, list[str]]) -> dict:
+    return {row.name: {"mode": row.mode, "trained": row.mode != "frozen", "params": row.total,
+                       "trainable_params": row.trainable, "files": files.get(row.mode, files.get("*", []))}
+            for row in plan.rows(model)}
+
+
+def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     """Run one training job described by `cfg`; returns where the model went and how the loss moved."""
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     out = Path(cfg.output.dir)
-    if resume is None:
+    resume = resume if resume is not None else cfg.train.resume
+    try:
+        checkpoint = resume_point(out, resume)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    if checkpoint is None:
         check_output_dir(out, cfg.output.overwrite)
     precision = resolve_precision(cfg.train.precision)
-    if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("`train.tensorboard`: the tensorboard package is not installed; pip install 'vlmtune[tensorboard]'")
-    for files, role in ((cfg.data.train, "train"), (cfg.data.eval, "eval")):
-        early = check_data(files, cfg.data.images_root)  # no model needed: fail fast on broken data
-        if early.problems and not cfg.data.skip_bad:
-            raise DataError(early.problems, f"{role} data: {len(early.problems)} problem(s); fix them or set data.skip_bad=true")
+    if cfg.train.tensorboard:
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("`train.tensorboard`: the tensorboard package is not installed; pip install 'vlmtune[tensorboard]'")
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs")  # not under the checkpoint staging folder
+    # the checks that need no model come first: broken data fails fast, before any weights load
+    reports = {role: check_data(files, cfg.data.images_root)
+               for role, files in (("train", cfg.data.train), ("eval", cfg.data.eval)) if files}
+    for role, report in reports.items():
+        refuse_bad_data(report, cfg, role)
 
     set_seed(cfg.train.seed)
     loaded = load_or_build(cfg)
-    console.print(f"model: {loaded.family.name} from " + ", ".join(f"{c}: {s}" for c, s in loaded.sources.items()))
+    for line in loaded.report():
+        console.print(line)
     encoder = SampleEncoder(loaded.processor, loaded.family, cfg.data.max_length, cfg.data.loss_on)
-    train_data = prepare_data(cfg.data.train, cfg, encoder, "train")
-    eval_data = prepare_data(cfg.data.eval, cfg, encoder, "eval") if cfg.data.eval else None
+    train_data = prepare_data(reports["train"], cfg, encoder, "train")
+    eval_data = prepare_data(reports["eval"], cfg, encoder, "eval") if "eval" in reports else None
 
     out.mkdir(parents=True, exist_ok=True)
+    clean_staging(out)
     plan = TuningPlan(cfg.tune, loaded.family, cfg.train.lr)
-    base_path = ensure_base_on_disk(loaded, out) if plan.uses_lora else None
+    delta = cfg.output.save == "delta" and not plan.uses_lora
+    base_path = ensure_base_on_disk(loaded, out) if plan.uses_lora or delta else None
     model = plan.apply(loaded.model)
     console.print(plan_table(plan.rows(model)))
 
+    record = {"family": loaded.family.name, "base": base_record(loaded, base_path), "plan": plan.describe(),
+              "data": {"train": cfg.data.train, "eval": cfg.data.eval, "fingerprint": data_fingerprint(cfg.data.train),
+                       "train_samples": len(train_data.encoded), "skipped": train_data.bad,
+                       "truncated": train_data.truncated},
+              "config": cfg.model_dump()}
+
+    def checkpoint_record(state) -> dict:
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        files = {"lora": ["adapter_model.safetensors"], "full": ["adapter_model.safetensors"] if plan.uses_lora else
+                 ["model.safetensors"], "frozen": [f"base: {base_path or loaded.path}"] if plan.uses_lora else ["model.safetensors"]}
+        return {**record, "components": components_record(plan, model, files),
+                "state": {"step": state.global_step, "epoch": state.epoch, "last_loss": losses[-1] if losses else None}}
+
+    if checkpoint is not None:
+        truncate_log(out / LOG_FILE, after_step=read_manifest(checkpoint)["state"]["step"])
+        if not plan.uses_lora:  # adapters resume correctly through the Trainer; full weights need this
+            restore_full_weights(model, checkpoint, loaded.family)
+        console.print(f"resuming from {checkpoint}")
     optimizer = torch.optim.AdamW(plan.param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     dataset = ConversationDataset(train_data.encoded, loaded.processor, loaded.family)
     eval_dataset = ConversationDataset(eval_data.encoded, loaded.processor, loaded.family) if eval_data else None
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, out, precision, eval_dataset is not None),
+        args=training_arguments(cfg, out / STAGING, precision, eval_dataset is not None),
         data_collator=Collator(loaded.processor.tokenizer.pad_token_id),
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=loaded.processor,
-        callbacks=[JsonlLogger(out / LOG_FILE)],
+        callbacks=[JsonlLogger(out / LOG_FILE), CompleteCheckpoints(out, checkpoint_record, cfg.train.save_total_limit)],
         optimizers=(optimizer, None),
     )
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
     if eval_dataset is not None:
         trainer.evaluate()
 
-    losses = [r["loss"] for r in read_log(out / LOG_FILE) if "loss" in r]
-    manifest = {
-        "family": loaded.family.name,
-        "base": {"path": str(base_path or loaded.path.resolve()), "sources": loaded.sources},
-        "plan": plan.describe(),
-        "state": {"step": trainer.state.global_step, "epoch": trainer.state.epoch, "last_loss": losses[-1] if losses else None},
-        "data": {"train": cfg.data.train, "eval": cfg.data.eval, "train_samples": len(train_data.encoded),
-                 "skipped": len(train_data.problems), "truncated": train_data.truncated},
-        "config": cfg.model_dump(),
-    }
-    save_model_folder(model, loaded.processor, out, manifest)
+    final = checkpoint_record(trainer.state)
+    delta_keys = {k for k in model.state_dict() if plan.mode(plan.component_of(k) or "") not in ("frozen", "")} if delta else None
+    if delta:
+        final["components"] = components_record(plan, model, {"full": [DELTA_WEIGHTS], "frozen": [f"base: {base_path}"]})
+    save_model_folder(model, loaded.processor, out, final, delta_keys=delta_keys)
+    if plan.uses_lora and cfg.output.merge:
+        save_model_folder(model.merge_and_unload(), loaded.processor, out / MERGED_DIR,
+                          {**final, "components": components_record(plan, model, {"*": ["model.safetensors"]}),
+                           "merged_from": str(out)})
+    clean_staging(out)
     plot_loss(out / LOG_FILE, out / PLOT_FILE)
-    console.print(f"[green]saved[/] {out} ({'LoRA adapter on ' + str(base_path) if base_path else 'full model'}); "
-                  f"{trainer.state.global_step} steps in {seconds:.1f}s; loss {losses[0] if losses else float('nan'):.4f} -> "
-                  f"{losses[-1] if losses else float('nan'):.4f}")
+    check_run_outputs(out, cfg.output.merge and plan.uses_lora)
+    losses = [r["loss"] for r in read_log(out / LOG_FILE) if "loss" in r]
+    kind = f"LoRA adapter on {base_path}" if plan.uses_lora else (f"delta on {base_path}" if delta else "full model")
+    console.print(f"[green]saved and verified[/] {out} ({kind}); {trainer.state.global_step} steps in {seconds:.1f}s; "
+                  f"loss {losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}")
     return TrainResult(out, trainer.state.global_step, losses[-1] if losses else None, losses[0] if losses else None,
-                       seconds, len(train_data.problems))
+                       seconds, train_data.bad)
+
+
+def check_run_outputs(out: Path, merged: bool) -> None:
+    """`verify` on the final folder (and the merged one); each checkpoint's manifest lists files that exist."""
+    for folder in [out] + ([out / MERGED_DIR] if merged else []):
+        result = verify(folder)
+        if not result.ok:
+            failed = next(f"{step}: {detail}" for step, passed, detail in result.steps if not passed)
+            raise RuntimeError(f"the saved model in {folder} failed verification ({failed})")
+    for checkpoint in complete_checkpoints(out):
+        missing = [name for name in read_manifest(checkpoint)["files"] if not (checkpoint / name).is_file()]
+        if missing:
+            raise RuntimeError(f"{checkpoint} is missing {missing} listed in its manifest")

@@ -47,12 +47,7 @@ class TuningPlan:
         return any(self.mode(c) == "lora" for c in COMPONENTS)
 
     def component_of(self, name: str) -> str | None:
-        """The component a parameter or module belongs to (PEFT wrapper prefixes ignored)."""
-        name = name.removeprefix(PEFT_PREFIX)
-        for component, prefixes in self.family.components.items():
-            if any(name == p or name.startswith(p + ".") for p in prefixes):
-                return component
-        return None
+        return self.family.component_of(name)
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Freeze, unfreeze and wrap `model` as planned; returns the model to train (maybe a PeftModel)."""

@@ -1,0 +1,108 @@
+"""`vlmtune inspect`: what a folder or weight file is, without loading the model.
+
+Reads safetensors headers (or a weights-only `torch.load` for .bin/.pth), configs, the manifest and
+the trainer state; groups tensors by component through the model family's key names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from vlmtune.checkpoints.manifest import read_manifest
+from vlmtune.checkpoints.save import DELTA_WEIGHTS
+from vlmtune.models.registry import Family, families, family_for
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def tensor_shapes(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) for every tensor of a weight file; pickles load weights-only."""
+    if file.suffix == ".safetensors":
+        with safe_open(file, "pt") as fh:
+            return {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
+    state = torch.load(file, map_location="meta", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def _group(tensors: dict, family: Family | None) -> dict[str, dict]:
+    groups: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "params": 0, "dtypes": set()})
+    for key, (shape, dtype) in tensors.items():
+        name = family.canonical_key(key.removeprefix("base_model.model.")) if family else key
+        component = (family.component_of(name) if family else None) or ("lora" if "lora_" in key else key.split(".")[0])
+        group = groups[component]
+        group["tensors"] += 1
+        group["params"] += int(torch.Size(shape).numel())
+        group["dtypes"].add(dtype)
+    return {c: {**g, "dtypes": sorted(g["dtypes"])} for c, g in groups.items()}
+
+
+def _best_family(tensors: dict) -> Family | None:
+    """The family whose component names cover most of a bare weight file's keys (at least half)."""
+    def covered(family: Family) -> int:
+        return sum(1 for k in tensors if family.component_of(family.canonical_key(k.removeprefix("base_model.model."))))
+    best = max(families(), key=covered, default=None)
+    return best if best and 2 * covered(best) >= len(tensors) > 0 else None
+
+
+def describe(path: str | Path) -> dict:
+    """A plain-data description of `path` (see the module docstring)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix not in WEIGHT_SUFFIXES:
+            raise ValueError(f"{path}: not a weight file (expected one of {', '.join(WEIGHT_SUFFIXES)})")
+        tensors = tensor_shapes(path)
+        family = _best_family(tensors)
+        return {"path": str(path), "layout": f"weight file ({path.suffix})", "family": family.name if family else None,
+                "components": _group(tensors, family)}
+    if not path.is_dir():
+        raise ValueError(f"{path} does not exist")
+    info: dict = {"path": str(path)}
+    manifest = read_manifest(path)
+    family = None
+    if (path / "config.json").is_file():
+        config = AutoConfig.from_pretrained(path)
+        info["architecture"] = (config.architectures or [config.model_type])[0]
+        try:
+            family = family_for(config)
+            info["family"] = family.name
+        except ValueError:
+            pass
+    if (path / "adapter_config.json").is_file():
+        adapter = json.loads((path / "adapter_config.json").read_text())
+        base = adapter.get("base_model_name_or_path")
+        info["layout"] = "PEFT LoRA adapter"
+        info["adapter"] = {"r": adapter.get("r"), "alpha": adapter.get("lora_alpha"), "targets": adapter.get("target_modules"),
+                           "modules_to_save": adapter.get("modules_to_save")}
+        info["needs_base"] = {"path": base, "present": bool(base) and (Path(base) / "config.json").is_file()}
+        if family is None and info["needs_base"]["present"]:
+            family = family_for(AutoConfig.from_pretrained(base))
+            info["family"] = family.name
+    elif (path / DELTA_WEIGHTS).is_file():
+        base = (manifest or {}).get("base", {}).get("path")
+        info["layout"] = "vlmtune delta (tuned components only)"
+        info["needs_base"] = {"path": base, "present": bool(base) and (Path(base) / "config.json").is_file()}
+    else:
+        info["layout"] = "full model folder" if (path / "config.json").is_file() else "unknown folder"
+    if manifest:
+        info["layout"] += f", vlmtune {manifest.get('kind')} checkpoint"
+        info["tuned"] = {c: v.get("mode") for c, v in manifest.get("components", {}).items()}
+        info["state"] = manifest.get("state")
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        if file.name != "training_args.bin":
+            tensors.update(tensor_shapes(file))
+    info["components"] = _group(tensors, family)
+    if (path / "trainer_state.json").is_file():
+        state = json.loads((path / "trainer_state.json").read_text())
+        info["trainer_state"] = {"step": state.get("global_step"), "epoch": state.get("epoch"),
+                                 "max_steps": state.get("max_steps")}
+    info["files"] = sorted(p.name for p in path.iterdir())
+    return info
