@@ -120,3 +120,38 @@ def test_inspect_json(tiny_vlm, color_data, tmp_path, capsys):
     assert set(info["components"]) == {"vision", "projector"}  # LoRA on vision + the saved projector
     assert main(["inspect", str(tiny_vlm / "model.safetensors"), "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)["components"]) == {"vision", "projector", "llm"}
+
+
+def test_lora_run_writes_a_merged_model_with_the_same_logits(tiny_vlm, color_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "run"
+    cfg = load_config(tree={"model": {"path": str(tiny_vlm)}, "data": {"train": str(color_data)},
+                            "tune": {"vision": "lora", "projector": "full", "llm": "lora"},
+                            "train": {"max_steps": 4, "batch_size": 4, "lr": 5e-3, "save_steps": 0},
+                            "output": {"dir": str(out), "merge": True}})
+    train(cfg)
+    merged = AutoModelForImageTextToText.from_pretrained(out / "merged").eval()
+    composed = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_vlm), out).eval()
+    ids = torch.tensor([[1, *[merged.config.image_token_id] * 4, 10, 11, 12]])
+    pixels = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = composed(input_ids=ids, pixel_values=pixels).logits
+        got = merged(input_ids=ids, pixel_values=pixels).logits
+    assert torch.allclose(expected, got, atol=1e-5) and not torch.allclose(expected, torch.zeros_like(expected))
+    assert json.loads((out / "merged" / MANIFEST).read_text())["merged_from"] == str(out)
+    assert verify(out / "merged").ok
+
+
+def test_load_report_explains_missing_weights(tiny_vlm, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "no-projector"
+    shutil.copytree(tiny_vlm, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if "multi_modal_projector" not in k}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    loaded = load_model(folder)
+    assert loaded.sources["projector"].startswith("NEWLY INITIALISED (4 tensor(s) not in")
+    assert loaded.sources["vision"] == str(folder)
