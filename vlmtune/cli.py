@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from vlmtune import __version__
 
@@ -122,6 +123,50 @@ def cmd_verify(args) -> int:
     return 0 if result.ok else EXIT_BAD_DATA
 
 
+def _write(loaded, out, record) -> int:
+    from vlmtune.checkpoints.verify import verify
+    from vlmtune.console import console
+    from vlmtune.convert.export import save_converted
+
+    for line in loaded.report():
+        console.print(line)
+    save_converted(loaded, out, record)
+    result = verify(out)
+    if not result.ok:
+        console.print(f"[red]error:[/] {out} was written but failed verification: {result.steps[-1]}")
+        return EXIT_BAD_DATA
+    console.print(f"[green]wrote and verified[/] {out}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from vlmtune.convert.merge import Parts, assemble, xtuner_parts
+
+    paths = {k: Path(v) if v else None for k, v in vars(args).items()
+             if k in ("base", "llm", "vision", "llm_adapter", "vision_adapter", "projector")}
+    parts = Parts(**paths)
+    if args.from_dir:
+        parts = xtuner_parts(Path(args.from_dir), parts)
+    loaded = assemble(parts)
+    return _write(loaded, args.out, {"merged_from": {k: str(v) for k, v in vars(parts).items() if v and k != "notes"}})
+
+
+def cmd_convert(args) -> int:
+    from vlmtune.convert.foreign import convert
+
+    loaded = convert(args.source, Path(args.vision) if args.vision else None, Path(args.llm) if args.llm else None,
+                     allow_unused=args.allow_unused, allow_missing=args.allow_missing)
+    return _write(loaded, args.out, {"converted_from": str(args.source)})
+
+
+def cmd_export(args) -> int:
+    from vlmtune.console import console
+    from vlmtune.convert.export import export
+
+    console.print(f"[green]exported[/] {export(args.model, args.format, args.out, args.dtype)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from vlmtune.demo.run import run_demo
 
@@ -185,6 +230,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="model folder or checkpoint written by vlmtune")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("merge", help="combine a base with LoRA adapters and a projector into one model folder",
+                       description="Examples: vlmtune merge --from xtuner-llava-hf --out merged   |   "
+                       "vlmtune merge --base runs/stage1 --llm-adapter lora/ --projector mm_projector.bin --out merged")
+    p.add_argument("--base", help="a LLaVA model folder")
+    p.add_argument("--llm", help="LLM folder (instead of --base, for layouts that keep the LLM separate)")
+    p.add_argument("--vision", help="vision encoder folder (with --llm)")
+    p.add_argument("--llm-adapter", help="PEFT LoRA adapter for the LLM (on the bare LLM or on the whole VLM)")
+    p.add_argument("--vision-adapter", help="PEFT LoRA adapter for the vision encoder")
+    p.add_argument("--projector", help="projector folder (XTuner projector/) or file (mm_projector.bin)")
+    p.add_argument("--from", dest="from_dir", help="an XTuner pth_to_hf folder: finds the parts and xtuner_config.py")
+    p.add_argument("--out", required=True, help="output folder (written only if the whole merge succeeds)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("convert", help="turn a foreign layout into a transformers LLaVA folder",
+                       description="Examples: vlmtune convert llava-v1.5-7b --vision clip-vit-l-336 --out llava-hf   |   "
+                       "vlmtune convert mm_projector.bin --vision clip --llm vicuna --out stage1-hf")
+    p.add_argument("source", help="original-LLaVA folder, transformers LLaVA folder, or a projector file")
+    p.add_argument("--vision", help="vision tower folder (when the source does not carry it)")
+    p.add_argument("--llm", help="LLM folder (for a projector file)")
+    p.add_argument("--allow-unused", action="store_true", help="convert even if some source tensors are not used")
+    p.add_argument("--allow-missing", action="store_true", help="convert even if some parameters are not filled")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a model as a full folder or one state-dict file",
+                       description="Example: vlmtune export runs/stage2 --format pth --dtype bf16 --out model.pth")
+    p.add_argument("model", help="model folder (full, LoRA adapter or delta)")
+    p.add_argument("--format", choices=["hf", "safetensors", "pth"], default="hf")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast the weights")
+    p.add_argument("--out", required=True, help="folder (hf) or file")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="train a tiny VLM from scratch on synthetic shapes and report accuracy",
                        description="Example: vlmtune demo --out demo-out")
     p.add_argument("--out", default="demo-out", help="output folder (data, models, report.json)")
@@ -205,13 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     from vlmtune.checkpoints.load import ModelLoadError
     from vlmtune.config import ConfigError
     from vlmtune.console import console
+    from vlmtune.convert.weights import ConversionError
     from vlmtune.data.records import DataError
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, FileNotFoundError) as err:
+    except (ConfigError, ModelLoadError, ConversionError, FileNotFoundError) as err:
         console.print(f"[red]error:[/] {err}")
         return EXIT_USAGE
     except DataError as err:

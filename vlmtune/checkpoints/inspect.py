@@ -52,6 +52,35 @@ def _best_family(tensors: dict) -> Family | None:
     return best if best and 2 * covered(best) >= len(tensors) > 0 else None
 
 
+def _foreign(path: Path) -> dict | None:
+    """XTuner and original-LLaVA folders: what they are and what they need."""
+    from vlmtune.convert.foreign import is_original_llava
+    from vlmtune.convert.merge import is_xtuner_folder, xtuner_config_paths
+
+    if is_xtuner_folder(path):
+        named = xtuner_config_paths(path)
+        return {"layout": "XTuner pth_to_hf folder (load or merge it with vlmtune merge --from)",
+                "parts": {name: (path / name).exists() for name in ("llm_adapter", "visual_encoder_adapter", "visual_encoder",
+                                                                    "projector", "config.json")},
+                "needs_base": {key: {"path": value, "present": (Path(value) / "config.json").is_file()}
+                               for key, value in named.items()},
+                "components": {}, "files": sorted(p.name for p in path.iterdir())}
+    if is_original_llava(path):
+        config = json.loads((path / "config.json").read_text())
+        tensors = {}
+        for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            tensors.update(tensor_shapes(file))
+        groups = _group({("projector" if "mm_projector" in k else "vision" if "vision_tower" in k else "llm") + "." + k: v
+                         for k, v in tensors.items()}, None)
+        tower = config.get("mm_vision_tower")
+        return {"layout": "original LLaVA repository folder (LlavaLlamaForCausalLM; vlmtune convert turns it into transformers LLaVA)",
+                "architecture": (config.get("architectures") or ["?"])[0], "projector_type": config.get("mm_projector_type"),
+                "needs_base": {"vision_tower": {"path": tower, "present": bool(tower) and (Path(tower) / "config.json").is_file(),
+                                                "in_checkpoint": "vision" in groups}},
+                "components": groups, "files": sorted(p.name for p in path.iterdir())}
+    return None
+
+
 def describe(path: str | Path) -> dict:
     """A plain-data description of `path` (see the module docstring)."""
     path = Path(path)
@@ -60,11 +89,20 @@ def describe(path: str | Path) -> dict:
             raise ValueError(f"{path}: not a weight file (expected one of {', '.join(WEIGHT_SUFFIXES)})")
         tensors = tensor_shapes(path)
         family = _best_family(tensors)
-        return {"path": str(path), "layout": f"weight file ({path.suffix})", "family": family.name if family else None,
+        info = {"path": str(path), "layout": f"weight file ({path.suffix})", "family": family.name if family else None,
                 "components": _group(tensors, family)}
+        prefixes = {k.split(".")[0] for k in tensors}
+        if all("mm_projector" in k or k.startswith("model.vlm_uni") for k in tensors):
+            info["layout"] += ": a stage-1 projector (mm_projector.bin); needs --vision and --llm (vlmtune convert)"
+        elif prefixes <= {"projector", "llm", "visual_encoder"} and "projector" in prefixes:
+            info["layout"] += ": an XTuner LLaVAModel state dict (pretrained_pth)"
+        return info
     if not path.is_dir():
         raise ValueError(f"{path} does not exist")
     info: dict = {"path": str(path)}
+    foreign = _foreign(path)
+    if foreign:
+        return {**info, **foreign}
     manifest = read_manifest(path)
     family = None
     if (path / "config.json").is_file():

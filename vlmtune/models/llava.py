@@ -36,7 +36,7 @@ def image_inputs(processor: LlavaProcessor, images) -> dict[str, torch.Tensor]:
     return {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"]}
 
 
-def _load_vision(vision_dir: str, trust_remote_code: bool):
+def load_vision(vision_dir: str, trust_remote_code: bool = False):
     """A vision encoder folder, or the vision half of a CLIP/SigLIP dual-encoder folder."""
     config = AutoConfig.from_pretrained(vision_dir, trust_remote_code=trust_remote_code)
     if hasattr(config, "vision_config") and config.model_type in ("clip", "siglip", "siglip2"):
@@ -49,11 +49,20 @@ def _load_vision(vision_dir: str, trust_remote_code: bool):
 
 def build(vision_dir: str, llm_dir: str, projector: str = "mlp2x_gelu", trust_remote_code: bool = False):
     """A new LLaVA model from a pretrained vision encoder and LLM, with a freshly initialised projector."""
-    vision = _load_vision(vision_dir, trust_remote_code)
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=trust_remote_code)
-    image_processor = AutoImageProcessor.from_pretrained(vision_dir)
+    return build_from_parts(
+        load_vision(vision_dir, trust_remote_code),
+        AutoImageProcessor.from_pretrained(vision_dir),
+        AutoModelForCausalLM.from_pretrained(llm_dir, trust_remote_code=trust_remote_code),
+        AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=trust_remote_code),
+        projector,
+    )
 
+
+def build_from_parts(vision, image_processor, llm, tokenizer, projector: str = "mlp2x_gelu",
+                     vision_feature_layer: int = -2, drop_cls: bool | None = None):
+    """Assemble a LLaVA model from loaded parts; the projector is newly initialised.
+
+    `drop_cls` (default: when the encoder has a CLS token) selects `vision_feature_select_strategy`."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -63,6 +72,7 @@ def build(vision_dir: str, llm_dir: str, projector: str = "mlp2x_gelu", trust_re
         llm.resize_token_embeddings(len(tokenizer))
 
     has_cls = hasattr(getattr(vision, "vision_model", vision).embeddings, "class_embedding")
+    drop_cls = has_cls if drop_cls is None else drop_cls
     text_config = llm.config
     text_config.pad_token_id = tokenizer.pad_token_id
     config = LlavaConfig(
@@ -70,8 +80,8 @@ def build(vision_dir: str, llm_dir: str, projector: str = "mlp2x_gelu", trust_re
         text_config=text_config,
         image_token_index=image_token_id,
         projector_hidden_act="gelu" if projector == "mlp2x_gelu" else "linear",
-        vision_feature_select_strategy="default" if has_cls else "full",
-        vision_feature_layer=-2,
+        vision_feature_select_strategy="default" if drop_cls else "full",
+        vision_feature_layer=vision_feature_layer,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
     model = LlavaForConditionalGeneration(config)
@@ -89,11 +99,10 @@ def build(vision_dir: str, llm_dir: str, projector: str = "mlp2x_gelu", trust_re
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
-    patch = vision.config.patch_size
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=patch,
+        patch_size=vision.config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1 if has_cls else 0,
         chat_template=tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE,

@@ -12,11 +12,12 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
-from vlmtune.checkpoints.load import LoadedModel, load_model
+from vlmtune.checkpoints.load import LoadedModel
 from vlmtune.checkpoints.manifest import data_fingerprint, model_fingerprint, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS, STAGING, save_model_folder
 from vlmtune.checkpoints.verify import verify
 from vlmtune.config import ConfigError, RunConfig
+from vlmtune.convert.layouts import load_any
 from vlmtune.console import console, plan_table
 from vlmtune.data.check import DataReport, check_data, encode_checked
 from vlmtune.data.dataset import Collator, ConversationDataset
@@ -89,7 +90,7 @@ def prepare_data(report: DataReport, cfg: RunConfig, encoder: SampleEncoder, rol
 
 def load_or_build(cfg: RunConfig) -> LoadedModel:
     if cfg.model.path:
-        return load_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        return load_any(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     family = family_named("llava")
     model, processor = family.build(cfg.model.vision, cfg.model.llm, cfg.model.projector, cfg.model.trust_remote_code)
     sources = {"vision": cfg.model.vision, "llm": cfg.model.llm, "projector": f"new ({cfg.model.projector})"}

@@ -1,0 +1,1 @@
+"""Foreign layouts in, one complete model out: merge scattered parts, convert, export."""

@@ -1,0 +1,44 @@
+"""`vlmtune export`: any loadable model (adapters merged) as a full folder or one state-dict file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vlmtune.checkpoints.load import LoadedModel, load_model
+from vlmtune.checkpoints.save import save_model_folder
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMATS = ("hf", "safetensors", "pth")
+
+
+def save_converted(loaded: LoadedModel, out: str | Path, record: dict) -> Path:
+    """A merged, converted or exported model as a complete vlmtune folder (written crash-safely)."""
+    return save_model_folder(loaded.model, loaded.processor, Path(out),
+                             {"family": loaded.family.name, "base": {"sources": loaded.sources},
+                              "notes": loaded.notes, **record})
+
+
+def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = None) -> Path:
+    """Write `model` as `hf` (a folder), `safetensors` or `pth` (one file of `name -> tensor`)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
+    loaded = load_model(model)
+    net = loaded.model.to(DTYPES[dtype]) if dtype else loaded.model
+    out = Path(out)
+    if fmt == "hf":
+        return save_converted(loaded, out, {"exported_from": str(model), "dtype": dtype or "as saved"})
+    state = {}
+    for name, tensor in net.state_dict().items():  # tied weights share storage: store each name separately
+        state[name] = tensor.detach().clone().contiguous()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    if fmt == "safetensors":
+        save_file(state, str(tmp), metadata={"format": "pt", "family": loaded.family.name})
+    else:
+        torch.save(state, tmp)
+    os.replace(tmp, out)
+    return out

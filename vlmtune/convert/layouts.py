@@ -1,0 +1,34 @@
+"""Every layout `model.path` accepts, first match wins: XTuner parts, the original LLaVA layout,
+then anything `checkpoints.load` reads (full, LoRA adapter, delta)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmtune.checkpoints.load import LoadedModel, ModelLoadError, load_model
+from vlmtune.convert.foreign import convert_original, is_original_llava
+from vlmtune.convert.merge import Parts, assemble, is_xtuner_folder, xtuner_parts
+
+
+def detect(path: Path) -> str:
+    if path.is_file():
+        return "weight file"
+    if is_xtuner_folder(path):
+        return "XTuner pth_to_hf folder"
+    if is_original_llava(path):
+        return "original LLaVA repository folder"
+    return "vlmtune / transformers / PEFT folder"
+
+
+def load_any(path: str | Path, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a model from any supported layout, converting foreign ones in memory."""
+    path = Path(path)
+    layout = detect(path)
+    if layout == "weight file":
+        raise ModelLoadError(f"{path} is a single weight file, which does not say what model it belongs to; "
+                             "combine it with its base first (`vlmtune merge` or `vlmtune convert`)")
+    if layout == "XTuner pth_to_hf folder":
+        return assemble(xtuner_parts(path, Parts()))
+    if layout == "original LLaVA repository folder":
+        return convert_original(path, vision=None)
+    return load_model(path, trust_remote_code=trust_remote_code)
