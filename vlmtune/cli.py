@@ -143,7 +143,7 @@ def cmd_merge(args) -> int:
     from vlmtune.convert.merge import Parts, assemble, xtuner_parts
 
     paths = {k: Path(v) if v else None for k, v in vars(args).items()
-             if k in ("base", "llm", "vision", "llm_adapter", "vision_adapter", "projector")}
+             if k in ("base", "llm", "vision", "llm_adapter", "vision_adapter", "projector", "weights")}
     parts = Parts(**paths)
     if args.from_dir:
         parts = xtuner_parts(Path(args.from_dir), parts)
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-adapter", help="PEFT LoRA adapter for the LLM (on the bare LLM or on the whole VLM)")
     p.add_argument("--vision-adapter", help="PEFT LoRA adapter for the vision encoder")
     p.add_argument("--projector", help="projector folder (XTuner projector/) or file (mm_projector.bin)")
+    p.add_argument("--weights", help="a state-dict file (.pth/.bin/.safetensors; transformers or XTuner pretrained_pth "
+                   "naming, may be partial) loaded over the base")
     p.add_argument("--from", dest="from_dir", help="an XTuner pth_to_hf folder: finds the parts and xtuner_config.py")
     p.add_argument("--out", required=True, help="output folder (written only if the whole merge succeeds)")
     p.set_defaults(func=cmd_merge)
@@ -257,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a model as a full folder or one state-dict file",
                        description="Example: vlmtune export runs/stage2 --format pth --dtype bf16 --out model.pth")
     p.add_argument("model", help="model folder (full, LoRA adapter or delta)")
-    p.add_argument("--format", choices=["hf", "safetensors", "pth"], default="hf")
+    p.add_argument("--format", choices=["hf", "safetensors", "pth", "xtuner-pth"], default="hf",
+                   help="xtuner-pth: XTuner's LLaVAModel key names, for its pretrained_pth")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast the weights")
     p.add_argument("--out", required=True, help="folder (hf) or file")
     p.set_defaults(func=cmd_export)

@@ -230,3 +230,32 @@ def test_inspect_recognises_foreign_layouts(parts, xtuner, tmp_path, capsys):
     torch.save({f"model.mm_projector.{k.removeprefix('model.')}": v for k, v in projector_state().items()}, tmp_path / "mm_projector.bin")
     assert main(["inspect", str(tmp_path / "mm_projector.bin"), "--json"]) == 0
     assert "stage-1 projector" in json.loads(capsys.readouterr().out)["layout"]
+
+
+def test_state_dict_files_round_trip_through_merge(tiny_vlm, parts, tmp_path, capsys):
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_vlm, trained)
+    model = AutoModelForImageTextToText.from_pretrained(trained)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(trained)
+    for fmt in ("pth", "xtuner-pth"):
+        exported = tmp_path / f"model-{fmt}.pth"
+        assert main(["export", str(trained), "--format", fmt, "--out", str(exported)]) == 0
+        keys = torch.load(exported, weights_only=True).keys()
+        assert any(k.startswith("projector.model.0.") for k in keys) == (fmt == "xtuner-pth")
+        out = tmp_path / f"merged-{fmt}"
+        assert main(["merge", "--base", str(tiny_vlm), "--weights", str(exported), "--out", str(out)]) == 0
+        merged = AutoModelForImageTextToText.from_pretrained(out)
+        batch = inputs(merged)
+        assert torch.equal(logits(merged, batch), logits(model, batch))
+    partial = {k: v for k, v in torch.load(tmp_path / "model-xtuner-pth.pth", weights_only=True).items()
+               if k.startswith("projector.")}  # XTuner iter_N.pth: only the trained projector
+    torch.save({"state_dict": partial}, tmp_path / "iter_500.pth")
+    capsys.readouterr()
+    assert main(["merge", "--base", str(tiny_vlm), "--weights", str(tmp_path / "iter_500.pth"), "--out", str(tmp_path / "p")]) == 0
+    assert f"projector  {tmp_path / 'iter_500.pth'} (state dict)" in capsys.readouterr().out
+    torch.save({"llm.model.layers.0.self_attn.q_proj.lora_A.default.weight": torch.zeros(4, 32)}, tmp_path / "lora.pth")
+    assert main(["merge", "--base", str(tiny_vlm), "--weights", str(tmp_path / "lora.pth"), "--out", str(tmp_path / "q")]) == 2
+    assert "holds LoRA tensors" in capsys.readouterr().out and not (tmp_path / "q").exists()

@@ -101,3 +101,20 @@ def test_gradient_checkpointing_and_bf16_on_cpu(tiny_vlm, color_data, tmp_path):
     result = train(cfg)
     assert result.steps == 6 and torch.isfinite(torch.tensor(result.final_loss))
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_mixed_text_only_data_and_eval_during_training(tiny_vlm, tmp_path):
+    from conftest import color_records, write_jsonl
+
+    records = color_records(tmp_path, n=12)
+    records += [{"id": f"t{i}", "messages": [{"role": "user", "content": "Say yes."},
+                                            {"role": "assistant", "content": "yes"}]} for i in range(6)]
+    train_file = write_jsonl(tmp_path / "train.jsonl", records)
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", records[:4] + records[-2:])
+    cfg = config(tiny_vlm, train_file, tmp_path / "run", vision="full", projector="full", llm="full")
+    cfg.data.eval, cfg.train.eval_steps, cfg.train.batch_size = [str(eval_file)], 3, 6
+    train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6, 6]  # every eval_steps, and once more at the end
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]

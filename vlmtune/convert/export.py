@@ -10,9 +10,10 @@ from safetensors.torch import save_file
 
 from vlmtune.checkpoints.load import LoadedModel, load_model
 from vlmtune.checkpoints.save import save_model_folder
+from vlmtune.convert.parts import XTUNER_RENAMES, rename_prefix
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FORMATS = ("hf", "safetensors", "pth")
+FORMATS = ("hf", "safetensors", "pth", "xtuner-pth")
 
 
 def save_converted(loaded: LoadedModel, out: str | Path, record: dict) -> Path:
@@ -23,7 +24,8 @@ def save_converted(loaded: LoadedModel, out: str | Path, record: dict) -> Path:
 
 
 def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = None) -> Path:
-    """Write `model` as `hf` (a folder), `safetensors` or `pth` (one file of `name -> tensor`)."""
+    """Write `model` as `hf` (a folder), `safetensors` or `pth` (one file of `name -> tensor`), or
+    `xtuner-pth` (XTuner's LLaVAModel naming, for its `pretrained_pth`)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
     loaded = load_model(model)
@@ -32,8 +34,10 @@ def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = Non
     if fmt == "hf":
         return save_converted(loaded, out, {"exported_from": str(model), "dtype": dtype or "as saved"})
     state = {}
+    to_xtuner = tuple((new, old) for old, new in XTUNER_RENAMES)
     for name, tensor in net.state_dict().items():  # tied weights share storage: store each name separately
-        state[name] = tensor.detach().clone().contiguous()
+        key = rename_prefix(name, to_xtuner) if fmt == "xtuner-pth" else name
+        state[key] = tensor.detach().clone().contiguous()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     if fmt == "safetensors":

@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
 from vlmtune.checkpoints.load import LoadedModel, load_model
-from vlmtune.convert.parts import apply_projector, merge_adapter, projector_weights
+from vlmtune.convert.parts import apply_projector, apply_state_dict, merge_adapter, projector_weights
 from vlmtune.convert.weights import ConversionError
 from vlmtune.models.llava import LLAVA, build_from_parts, load_vision
 
@@ -28,6 +28,7 @@ class Parts:
     llm_adapter: Path | None = None
     vision_adapter: Path | None = None
     projector: Path | None = None
+    weights: Path | None = None  # a state dict (transformers or XTuner naming) loaded over the base
     notes: list[str] = field(default_factory=list)  # where each part was found
 
 
@@ -115,6 +116,9 @@ def assemble(parts: Parts) -> LoadedModel:
     if parts.projector is not None:
         apply_projector(loaded.model, projector_weights(parts.projector), str(parts.projector))
         sources["projector"] = str(parts.projector)
+    if parts.weights is not None:
+        for component in apply_state_dict(loaded.model, LLAVA, parts.weights):
+            sources[component] = f"{parts.weights} (state dict)"
     if parts.llm_adapter is not None:
         loaded.model = merge_adapter(loaded.model, parts.llm_adapter, rename=llm_key)
         sources["llm"] += f" + LoRA {parts.llm_adapter} (merged)"

@@ -116,3 +116,44 @@ def merge_adapter(module: nn.Module, adapter_dir: str | Path, rename=lambda key:
         save_file({k: v.contiguous() for k, v in renamed.items()}, str(Path(tmp) / "adapter_model.safetensors"))
         merged = PeftModel.from_pretrained(module, tmp).merge_and_unload(safe_merge=True)
     return merged
+
+
+# XTuner's LLaVAModel state dict (`pretrained_pth`, iter_N.pth) -> transformers LLaVA module paths
+XTUNER_RENAMES = (
+    ("projector.model.0.", "model.multi_modal_projector.linear_1."),
+    ("projector.model.2.", "model.multi_modal_projector.linear_2."),
+    ("llm.model.", "model.language_model."),
+    ("llm.lm_head.", "lm_head."),
+    ("visual_encoder.", "model.vision_tower."),
+)
+
+
+def rename_prefix(key: str, renames) -> str:
+    for old, new in renames:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def apply_state_dict(model: nn.Module, family, source: str | Path) -> set[str]:
+    """Load a (possibly partial) state dict in transformers or XTuner naming over `model`; returns the
+    components it filled. Tensors that fit nowhere, or do not fit in shape, are errors."""
+    state = read_state_dict(source)
+    if any("lora_" in key for key in state):
+        raise ConversionError(f"{source} holds LoRA tensors, which cannot be merged without their adapter config "
+                              "(alpha, targets); use the adapter folders (vlmtune merge --from / --llm-adapter)")
+    targets = model.state_dict()
+    renamed, unused = {}, []
+    for key, tensor in state.items():
+        name = rename_prefix(family.canonical_key(key), XTUNER_RENAMES)
+        if name not in targets:
+            unused.append(key)
+        elif tensor.shape != targets[name].shape:
+            raise ConversionError(f"{source}: tensor {key} has shape {tuple(tensor.shape)} but {name} needs "
+                                  f"{tuple(targets[name].shape)}; the weights are for another model size")
+        else:
+            renamed[name] = tensor.to(targets[name].dtype)
+    if unused:
+        raise ConversionError(f"{source}: {len(unused)} tensor(s) match no parameter of the model: {unused[:5]}")
+    model.load_state_dict(renamed, strict=False)
+    return {family.component_of(name) for name in renamed}

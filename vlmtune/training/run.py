@@ -16,7 +16,7 @@ from vlmtune.checkpoints.load import LoadedModel
 from vlmtune.checkpoints.manifest import data_fingerprint, model_fingerprint, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS, STAGING, save_model_folder
 from vlmtune.checkpoints.verify import verify
-from vlmtune.config import ConfigError, RunConfig
+from vlmtune.config import COMPONENTS, ConfigError, RunConfig
 from vlmtune.convert.layouts import load_any
 from vlmtune.console import console, plan_table
 from vlmtune.data.check import DataReport, check_data, encode_checked
@@ -206,10 +206,11 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
                        "truncated": train_data.truncated},
               "config": cfg.model_dump()}
 
+    weights = "adapter_model.safetensors" if plan.uses_lora else "model.safetensors"
+    files = {"*": [weights], "frozen": [f"base: {base_path}"] if plan.uses_lora else [weights]}  # per mode
+
     def checkpoint_record(state) -> dict:
         losses = [h["loss"] for h in state.log_history if "loss" in h]
-        files = {"lora": ["adapter_model.safetensors"], "full": ["adapter_model.safetensors"] if plan.uses_lora else
-                 ["model.safetensors"], "frozen": [f"base: {base_path or loaded.path}"] if plan.uses_lora else ["model.safetensors"]}
         return {**record, "components": components_record(plan, model, files),
                 "state": {"step": state.global_step, "epoch": state.epoch, "last_loss": losses[-1] if losses else None}}
 
@@ -238,9 +239,11 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
         trainer.evaluate()
 
     final = checkpoint_record(trainer.state)
-    delta_keys = {k for k in model.state_dict() if plan.mode(plan.component_of(k) or "") not in ("frozen", "")} if delta else None
+    delta_keys = None
     if delta:
-        final["components"] = components_record(plan, model, {"full": [DELTA_WEIGHTS], "frozen": [f"base: {base_path}"]})
+        tuned = {c for c in COMPONENTS if plan.mode(c) != "frozen"}
+        delta_keys = {k for k in model.state_dict() if plan.component_of(k) in tuned}
+        final["components"] = components_record(plan, model, {"*": [DELTA_WEIGHTS], "frozen": [f"base: {base_path}"]})
     save_model_folder(model, loaded.processor, out, final, delta_keys=delta_keys)
     if plan.uses_lora and cfg.output.merge:
         save_model_folder(model.merge_and_unload(), loaded.processor, out / MERGED_DIR,
