@@ -259,3 +259,37 @@ def test_state_dict_files_round_trip_through_merge(tiny_vlm, parts, tmp_path, ca
     torch.save({"llm.model.layers.0.self_attn.q_proj.lora_A.default.weight": torch.zeros(4, 32)}, tmp_path / "lora.pth")
     assert main(["merge", "--base", str(tiny_vlm), "--weights", str(tmp_path / "lora.pth"), "--out", str(tmp_path / "q")]) == 2
     assert "holds LoRA tensors" in capsys.readouterr().out and not (tmp_path / "q").exists()
+
+
+def test_train_from_a_stage1_projector_file_and_a_state_dict(parts, tiny_vlm, tmp_path, color_data, capsys):
+    from vlmtune.config import load_config
+    from vlmtune.training.run import train
+
+    torch.save({f"model.mm_projector.{k.removeprefix('model.')}": v for k, v in projector_state().items()},
+               tmp_path / "mm_projector.bin")
+    torch.save({k: v for k, v in AutoModelForImageTextToText.from_pretrained(tiny_vlm).state_dict().items()
+                if "multi_modal_projector" in k}, tmp_path / "projector_only.pth")
+    for name, model in (("stage1", {"vision": str(parts["vision"]), "llm": str(parts["llm"]),
+                                    "projector_weights": str(tmp_path / "mm_projector.bin")}),
+                        ("weights", {"path": str(tiny_vlm), "weights": str(tmp_path / "projector_only.pth")})):
+        capsys.readouterr()
+        cfg = load_config(tree={"model": model, "data": {"train": str(color_data)}, "tune": {"llm": "lora"},
+                                "train": {"max_steps": 10, "batch_size": 4, "lr": 5e-3, "logging_steps": 2,
+                                          "save_steps": 0, "warmup_ratio": 0.0},
+                                "output": {"dir": str(tmp_path / name)}})
+        result = train(cfg)
+        assert result.final_loss < result.first_loss
+        printed = capsys.readouterr().out
+        expected = str(tmp_path / "mm_projector.bin") if name == "stage1" else f"{tmp_path / 'projector_only.pth'} (state dict)"
+        assert f"projector  {expected}" in printed
+        assert (tmp_path / name / "base" / "model.safetensors").is_file()
+
+
+def test_convert_lists_unfilled_parameters(parts, tmp_path, capsys):
+    source, _ = original_llava_folder(parts, tmp_path / "src", False)
+    state = torch.load(source / "pytorch_model.bin", weights_only=True)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    torch.save(state, source / "pytorch_model.bin")
+    assert main(["convert", str(source), "--out", str(tmp_path / "hf")]) == 2
+    assert "1 model parameter(s) not filled (they keep a random init): model.layers.1.mlp.up_proj.weight" in capsys.readouterr().out
+    assert not (tmp_path / "hf").exists()

@@ -26,10 +26,19 @@ class ModelConfig(Section):
     projector: Literal["mlp2x_gelu", "linear"] = Field(
         "mlp2x_gelu", description="Projector for a newly built VLM: `mlp2x_gelu` (Linear-GELU-Linear) or `linear`."
     )
+    projector_weights: str | None = Field(
+        None, description="With `model.vision` + `model.llm`: start the projector from these weights (e.g. stage-1 mm_projector.bin)."
+    )
+    weights: str | None = Field(
+        None, description="A state-dict file (.pth/.bin/.safetensors, transformers or XTuner naming, may be partial) "
+        "loaded over the model before training."
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder. Only for folders you trust.")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
+        if self.projector_weights and self.path:
+            raise ValueError("`model.projector_weights` goes with `model.vision` + `model.llm`; a `model.path` has its projector")
         if self.path and (self.vision or self.llm):
             raise ValueError("give either `model.path` or `model.vision` + `model.llm`, not both")
         if not self.path and not (self.vision and self.llm):

@@ -18,6 +18,8 @@ from vlmtune.checkpoints.save import DELTA_WEIGHTS, STAGING, save_model_folder
 from vlmtune.checkpoints.verify import verify
 from vlmtune.config import COMPONENTS, ConfigError, RunConfig
 from vlmtune.convert.layouts import load_any
+from vlmtune.convert.merge import Parts, assemble
+from vlmtune.convert.parts import apply_state_dict
 from vlmtune.console import console, plan_table
 from vlmtune.data.check import DataReport, check_data, encode_checked
 from vlmtune.data.dataset import Collator, ConversationDataset
@@ -89,12 +91,23 @@ def prepare_data(report: DataReport, cfg: RunConfig, encoder: SampleEncoder, rol
 
 
 def load_or_build(cfg: RunConfig) -> LoadedModel:
-    if cfg.model.path:
-        return load_any(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    family = family_named("llava")
-    model, processor = family.build(cfg.model.vision, cfg.model.llm, cfg.model.projector, cfg.model.trust_remote_code)
-    sources = {"vision": cfg.model.vision, "llm": cfg.model.llm, "projector": f"new ({cfg.model.projector})"}
-    return LoadedModel(model, processor, family, Path(cfg.model.vision), "built", sources=sources)
+    """The model to train: any layout `model.path` names, or a new VLM from `model.vision` + `model.llm`;
+    then `model.weights` over it."""
+    m = cfg.model
+    if m.path:
+        loaded = load_any(m.path, trust_remote_code=m.trust_remote_code)
+    elif m.projector_weights:
+        loaded = assemble(Parts(llm=Path(m.llm), vision=Path(m.vision), projector=Path(m.projector_weights)))
+    else:
+        family = family_named("llava")
+        model, processor = family.build(m.vision, m.llm, m.projector, m.trust_remote_code)
+        sources = {"vision": m.vision, "llm": m.llm, "projector": f"new ({m.projector})"}
+        loaded = LoadedModel(model, processor, family, Path(m.vision), "built", sources=sources)
+    if m.weights:
+        for component in apply_state_dict(loaded.model, loaded.family, m.weights):
+            loaded.sources[component] = f"{m.weights} (state dict)"
+        loaded.kind = "built" if loaded.kind == "full" else loaded.kind  # no longer the folder on disk
+    return loaded
 
 
 def ensure_base_on_disk(loaded: LoadedModel, out: Path) -> Path:
