@@ -155,3 +155,15 @@ def test_load_report_explains_missing_weights(tiny_vlm, tmp_path):
     loaded = load_model(folder)
     assert loaded.sources["projector"].startswith("NEWLY INITIALISED (4 tensor(s) not in")
     assert loaded.sources["vision"] == str(folder)
+
+
+def test_overwriting_a_folder_leaves_no_weights_of_the_old_kind(tiny_vlm, color_data, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_vlm, color_data, out, vision="full", projector="full", llm="full")
+    assert (out / "model.safetensors").is_file()
+    cfg = load_config(tree={"model": {"path": str(tiny_vlm)}, "data": {"train": str(color_data)}, "tune": {"llm": "lora"},
+                            "train": {"max_steps": 2, "batch_size": 4, "save_steps": 0},
+                            "output": {"dir": str(out), "overwrite": True}})
+    train(cfg)
+    assert not (out / "model.safetensors").exists() and (out / "adapter_model.safetensors").is_file()
+    assert load_model(out).kind == "lora" and verify(out).ok

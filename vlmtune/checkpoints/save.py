@@ -23,6 +23,10 @@ from vlmtune.checkpoints.manifest import MANIFEST, write_manifest
 
 STAGING = ".partial"
 DELTA_WEIGHTS = "delta.safetensors"
+# weight files of every kind: when a folder is rewritten, those the new model does not have must go,
+# or a full model's weights would sit beside a new adapter (and be loaded instead of it)
+WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                   "adapter_config.json", DELTA_WEIGHTS, "pytorch_model*.bin")
 
 
 def is_adapter(model: nn.Module) -> bool:
@@ -47,6 +51,11 @@ def publish(staging: Path, out: Path) -> Path:
     if not out.exists():
         os.replace(staging, out)
     else:
+        (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
+        for pattern in WEIGHT_PATTERNS:
+            for stale in out.glob(pattern):
+                if not (staging / stale.name).exists():
+                    stale.unlink()
         files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name == MANIFEST)
         for path in files:
             target = out / path.relative_to(staging)
