@@ -10,11 +10,12 @@ from typing import Any
 
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vlmtune.checkpoints.manifest import model_fingerprint, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS
-from vlmtune.models.registry import Family, family_for
+from vlmtune.models.family import Family, LoadOptions, custom_family
+from vlmtune.models.registry import family_for
 
 
 class ModelLoadError(ValueError):
@@ -61,23 +62,41 @@ def _base_folder(folder: Path, recorded: str | None, what: str) -> Path:
     return base
 
 
-def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapters: bool = True) -> LoadedModel:
+def resolve_family(folder: Path, config, components: dict[str, list[str]] | None = None) -> Family:
+    """The family of a folder: the user's component map, the one its manifest recorded, or the registry's."""
+    if components is None:
+        recorded = (read_manifest(folder) or {}).get("family_components") if (folder / "vlmtune.json").is_file() else None
+        try:
+            return family_for(config, where=str(folder))
+        except ValueError:
+            if not recorded:
+                raise
+            components = recorded
+    return custom_family(getattr(config, "model_type", "custom"), components)
+
+
+def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapters: bool = True,
+               options: LoadOptions | None = None, components: dict[str, list[str]] | None = None) -> LoadedModel:
     """Load `path` for training or inference; adapters are applied to their base (merged by default)."""
+    options = options or LoadOptions(trust_remote_code=trust_remote_code)
+    trust_remote_code = options.trust_remote_code
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"model path {folder} is not a folder")
     if (folder / "adapter_config.json").is_file():
-        return _load_adapter(folder, trust_remote_code, merge_adapters)
+        return _load_adapter(folder, options, merge_adapters, components)
     if (folder / DELTA_WEIGHTS).is_file():
-        return _load_delta(folder, trust_remote_code)
+        return _load_delta(folder, options, components)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not a model folder: it has neither config.json nor adapter_config.json")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    family = family_for(config, where=str(folder))
+    family = resolve_family(folder, config, components)
+    family.check_requirements()
     if not has_processor(folder):
         raise ModelLoadError(f"{folder} has no processor_config.json or preprocessor_config.json: the image processor is missing")
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    model, info = family.model_class.from_pretrained(folder, trust_remote_code=trust_remote_code, output_loading_info=True)
+    model_class = family.model_class or AutoModelForImageTextToText
+    model, info = model_class.from_pretrained(folder, output_loading_info=True, **options.kwargs())
     loaded = LoadedModel(model, processor, family, folder, "full", sources={c: f"{folder}" for c in family.components})
     _explain(loaded, info.get("missing_keys", []), info.get("unexpected_keys", []), info.get("mismatched_keys", []))
     return loaded
@@ -100,12 +119,12 @@ def _explain(loaded: LoadedModel, missing, unexpected, mismatched) -> None:
         loaded.notes.append(f"{len(mismatched)} tensor(s) had the wrong shape and were re-initialised: {list(mismatched)[:3]}")
 
 
-def _load_adapter(folder: Path, trust_remote_code: bool, merge: bool) -> LoadedModel:
+def _load_adapter(folder: Path, options: LoadOptions, merge: bool, components=None) -> LoadedModel:
     from peft import PeftModel
 
     adapter = json.loads((folder / "adapter_config.json").read_text())
     base = load_model(_base_folder(folder, adapter.get("base_model_name_or_path"), "adapter_config.json"),
-                      trust_remote_code=trust_remote_code)
+                      options=options, components=components)
     model = PeftModel.from_pretrained(base.model, folder)
     lora, full = set(), set()
     for name, module in model.named_modules():
@@ -116,14 +135,15 @@ def _load_adapter(folder: Path, trust_remote_code: bool, merge: bool) -> LoadedM
             full.add(component)
     if merge:
         model = model.merge_and_unload()
-    processor = AutoProcessor.from_pretrained(folder) if has_processor(folder) else base.processor
+    processor = (AutoProcessor.from_pretrained(folder, trust_remote_code=options.trust_remote_code)
+                 if has_processor(folder) else base.processor)
     sources = {c: (f"{folder} (fully trained, saved with the adapter)" if c in full else
                    f"{base.path} + LoRA from {folder}" if c in lora else f"{base.path}")
                for c in base.family.components}
     return LoadedModel(model, processor, base.family, folder, "lora", base=base.path, sources=sources, notes=base.notes)
 
 
-def _load_delta(folder: Path, trust_remote_code: bool) -> LoadedModel:
+def _load_delta(folder: Path, options: LoadOptions, components=None) -> LoadedModel:
     manifest = read_manifest(folder) or {}
     recorded = manifest.get("base", {})
     base_path = _base_folder(folder, recorded.get("path"), "vlmtune.json")
@@ -133,13 +153,14 @@ def _load_delta(folder: Path, trust_remote_code: bool) -> LoadedModel:
             "(its config or weights differ from the fingerprint recorded in vlmtune.json); "
             "restore the original base or load a full checkpoint"
         )
-    base = load_model(base_path, trust_remote_code=trust_remote_code)
+    base = load_model(base_path, options=options, components=components)
     delta = load_file(str(folder / DELTA_WEIGHTS))
     result = base.model.load_state_dict(delta, strict=False)
     if result.unexpected_keys:
         raise ModelLoadError(f"{folder}/{DELTA_WEIGHTS} holds {len(result.unexpected_keys)} tensor(s) the base model "
                              f"does not have, e.g. {result.unexpected_keys[:3]}")
     tuned = {base.family.component_of(k) for k in delta}
-    processor = AutoProcessor.from_pretrained(folder) if has_processor(folder) else base.processor
+    processor = (AutoProcessor.from_pretrained(folder, trust_remote_code=options.trust_remote_code)
+                 if has_processor(folder) else base.processor)
     sources = {c: (f"{folder} (delta)" if c in tuned else f"{base.path}") for c in base.family.components}
     return LoadedModel(base.model, processor, base.family, folder, "delta", base=base.path, sources=sources)

@@ -12,6 +12,7 @@ from PIL import Image
 from vlmtune.checkpoints.load import load_model
 from vlmtune.checkpoints.manifest import MANIFEST, hash_problems, read_manifest
 from vlmtune.data.encode import SampleEncoder
+from vlmtune.models import images as mm
 
 
 @dataclass
@@ -43,14 +44,15 @@ def verify_hashes(path: Path, result: Verification) -> bool:
 def forward_check(loaded) -> tuple[bool, str]:
     """One forward pass on a generated image and a short prompt; logits must be finite."""
     processor, family = loaded.processor, loaded.family
-    crop = getattr(processor.image_processor, "crop_size", None) or {"height": 224, "width": 224}
     generator = torch.Generator().manual_seed(0)
-    pixels = (torch.rand(crop["height"], crop["width"], 3, generator=generator) * 255).to(torch.uint8).numpy()
+    pixels = (torch.rand(48, 64, 3, generator=generator) * 255).to(torch.uint8).numpy()  # any size: the processor resizes
     image = Image.fromarray(pixels)
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
-    ids = SampleEncoder(processor, family, max_length=1 << 30).generation_ids(chat, [image])
+    encoder = SampleEncoder(processor, family, max_length=1 << 30)
+    ids, blocks = encoder.generation_ids(chat, [image])
     inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-              **family.image_inputs(processor, [image])}
+              **{k: torch.tensor([v]) for k, v in encoder.extra_inputs(ids).items()},
+              **mm.image_inputs(processor, [image], blocks, "verify")}
     model = loaded.model.eval()
     device = next(model.parameters()).device
     with torch.inference_mode():

@@ -5,12 +5,22 @@ Key names are a public contract (scripts and other tools write them); add keys, 
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Mode = Literal["frozen", "full", "lora"]
-COMPONENTS = ("vision", "projector", "llm")
+MODES = ("frozen", "full", "lora")
+COMPONENTS = ("vision", "projector", "llm")  # the usual three; families may have more (any names)
+
+
+def refuse_near_typos(extra: dict | None, known: tuple[str, ...], section: str) -> None:
+    """Sections that accept any component name still catch a near-miss of a usual one (`vison`)."""
+    for key in extra or {}:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if close and key not in known:
+            raise ValueError(f"unknown key `{section}.{key}`; did you mean `{section}.{close[0]}`?")
 
 
 class Section(BaseModel):
@@ -23,6 +33,9 @@ class ModelConfig(Section):
     path: str | None = Field(None, description="A model folder (full model or vlmtune LoRA output) to fine-tune.")
     vision: str | None = Field(None, description="Vision encoder folder; with `model.llm`, builds a new VLM (stage 1).")
     llm: str | None = Field(None, description="Language model folder (with tokenizer); used with `model.vision`.")
+    family: str | None = Field(
+        None, description="With `model.vision` + `model.llm`: the family to build (default: llava). See `vlmtune inspect`."
+    )
     projector: Literal["mlp2x_gelu", "linear"] = Field(
         "mlp2x_gelu", description="Projector for a newly built VLM: `mlp2x_gelu` (Linear-GELU-Linear) or `linear`."
     )
@@ -34,6 +47,16 @@ class ModelConfig(Section):
         "loaded over the model before training."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder. Only for folders you trust.")
+    components: dict[str, list[str]] | None = Field(
+        None, description="For a model whose family vlmtune does not know: component name -> module-path prefixes, "
+        "e.g. `{vision: [model.vision_tower], projector: [model.multi_modal_projector], llm: [model.language_model, lm_head]}`."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Load the weights in this dtype (default: as saved, upcast to float32 for training on CPU)."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = Field(
+        None, description="Attention kernel passed to transformers (default: its choice; flash_attention_2 needs a GPU)."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -58,6 +81,10 @@ class DataConfig(Section):
     loss_on: Literal["assistant", "last_turn", "all"] = Field(
         "assistant", description="Which tokens are trained: every `assistant` turn, the `last_turn` only, or `all` text."
     )
+    chat_template: str | None = Field(
+        None, description="Chat template for training and the saved model: a built-in name (default, vicuna_v1, chatml, "
+        "llama_2, mistral_instruct) or a .jinja file; default: the model's own."
+    )
     skip_bad: bool = Field(False, description="Skip samples that fail the data check (counted) instead of refusing the run.")
     num_workers: int = Field(0, ge=0, description="Data-loader worker processes (images load lazily in them).")
 
@@ -71,7 +98,7 @@ class LoraSettings(Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    targets: dict[Literal["vision", "projector", "llm"], list[str]] = Field(
+    targets: dict[str, list[str]] = Field(
         default_factory=dict,
         description="Per component, the names of the linear layers to adapt (e.g. `{llm: [q_proj, v_proj]}`); "
         "default: every linear layer of the component.",
@@ -79,12 +106,27 @@ class LoraSettings(Section):
 
 
 class ComponentRates(Section):
+    """Per-component learning rates; components beyond the usual three are allowed (checked against the family)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
     vision: float | None = Field(None, gt=0, description="Learning rate of the vision encoder (default `train.lr`).")
     projector: float | None = Field(None, gt=0, description="Learning rate of the projector (default `train.lr`).")
     llm: float | None = Field(None, gt=0, description="Learning rate of the language model (default `train.lr`).")
 
+    @model_validator(mode="after")
+    def _extra_rates(self) -> ComponentRates:
+        refuse_near_typos(self.model_extra, COMPONENTS, "tune.lr")
+        for key, value in (self.model_extra or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"`tune.lr.{key}` must be a positive number (got {value!r})")
+        return self
+
 
 class TuneConfig(Section):
+    """Per component `frozen` / `full` / `lora`. Keys beyond vision / projector / llm name a family's other
+    components (e.g. `vision_aux`, `mining`, `resampler`) and are checked against the model's family."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
     vision: Mode = Field("frozen", description="Vision encoder: `frozen`, `full` or `lora`.")
     projector: Mode = Field("full", description="Projector: `frozen`, `full` or `lora`.")
     llm: Mode = Field("full", description="Language model: `frozen`, `full` or `lora`.")
@@ -92,13 +134,25 @@ class TuneConfig(Section):
     lr: ComponentRates = Field(default_factory=ComponentRates)
 
     @model_validator(mode="after")
+    def _extra_modes(self) -> TuneConfig:
+        refuse_near_typos(self.model_extra, COMPONENTS + ("lora", "lr"), "tune")
+        for key, value in (self.model_extra or {}).items():
+            if value not in MODES:
+                raise ValueError(f"`tune.{key}` must be one of {', '.join(MODES)} (got {value!r})")
+        return self
+
+    @model_validator(mode="after")
     def _something_trains(self) -> TuneConfig:
-        if all(getattr(self, c) == "frozen" for c in COMPONENTS):
+        if all(mode == "frozen" for mode in self.modes().values()):
             raise ValueError("every component is frozen: set at least one of `tune.vision`, `tune.projector`, `tune.llm` to `full` or `lora`")
         return self
 
+    def modes(self) -> dict[str, str]:
+        """Every component named in the section (the usual three and any others)."""
+        return {**{c: getattr(self, c) for c in COMPONENTS}, **(self.model_extra or {})}
+
     def mode(self, component: str) -> str:
-        return getattr(self, component)
+        return self.modes().get(component, "frozen")
 
 
 class TrainConfig(Section):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -10,7 +10,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vlmtune.data.encode import IGNORE, EncodedSample, Prompt
-from vlmtune.models.registry import Family
+from vlmtune.models import images as mm
+from vlmtune.models.family import Family
 
 TEXT_KEYS = ("input_ids", "labels", "attention_mask")
 
@@ -24,7 +25,7 @@ def load_image(path: Path, label: str) -> Image.Image:
 
 
 class ConversationDataset(Dataset):
-    """Training items: `input_ids`, `labels` and the family's image inputs (e.g. `pixel_values`)."""
+    """Training items: `input_ids`, `labels`, per-token extras and the processor's image inputs."""
 
     def __init__(self, items: list[EncodedSample] | list[Prompt], processor, family: Family):
         self.items = items
@@ -39,18 +40,22 @@ class ConversationDataset(Dataset):
         out = {"input_ids": torch.tensor(item.input_ids)}
         if isinstance(item, EncodedSample):
             out["labels"] = torch.tensor(item.labels)
+        out.update({key: torch.tensor(values) for key, values in item.extra.items()})
         if item.images:
             images = [load_image(path, item.sample.label()) for path in item.images]
-            out.update(self.family.image_inputs(self.processor, images))
+            out.update(mm.image_inputs(self.processor, images, item.blocks, item.sample.label()))
         return out
 
 
 @dataclass
 class Collator:
-    """Pads text to the longest item; concatenates image inputs of the batch along dim 0."""
+    """Pads text (and per-token extras) to the longest item; image inputs of the batch are
+    concatenated along dim 0, zero-padded first where their other dims differ (LLaVA-NeXT's tile
+    counts, Idefics3's images per sample) — a zero image is padding to the models that need it."""
 
     pad_token_id: int
     padding_side: str = "right"  # "left" for generation
+    token_keys: tuple[str, ...] = field(default_factory=tuple)  # per-token inputs, padded with 0
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         longest = max(len(item["input_ids"]) for item in items)
@@ -60,8 +65,12 @@ class Collator:
         }
         if "labels" in items[0]:
             batch["labels"] = self._pad([i["labels"] for i in items], longest, IGNORE)
-        for key in {k for item in items for k in item if k not in TEXT_KEYS}:
-            batch[key] = torch.cat([item[key] for item in items if key in item])  # [images in batch, ...]
+        for key in self.token_keys:
+            if key in items[0]:
+                batch[key] = self._pad([i[key] for i in items], longest, 0)
+        image_keys = sorted({k for item in items for k in item if k not in TEXT_KEYS and k not in self.token_keys})
+        for key in image_keys:
+            batch[key] = concat_padded([item[key] for item in items if key in item])  # [images in batch, ...]
         return batch
 
     def _pad(self, rows: list[torch.Tensor], length: int, value: int) -> torch.Tensor:
@@ -72,3 +81,16 @@ class Collator:
             else:
                 out[i, length - len(row):] = row
         return out
+
+
+def concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate on dim 0 after zero-padding every other dim to the largest size."""
+    if len({t.shape[1:] for t in tensors}) == 1:
+        return torch.cat(tensors)
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].ndim)]
+    out = []
+    for t in tensors:
+        padded = t.new_zeros((t.shape[0], *shape))
+        padded[(slice(None), *(slice(0, s) for s in t.shape[1:]))] = t
+        out.append(padded)
+    return torch.cat(out)

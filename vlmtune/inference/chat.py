@@ -13,6 +13,7 @@ from transformers import TextIteratorStreamer
 from vlmtune.checkpoints.load import LoadedModel, load_model
 from vlmtune.data.dataset import load_image
 from vlmtune.data.encode import SampleEncoder
+from vlmtune.models import images as mm
 
 HELP = "commands: /image PATH (attach an image to your next message), /reset, /quit"
 
@@ -53,11 +54,13 @@ def chat(model: str | Path | LoadedModel, image: str | None = None, max_new_toke
 
 
 def _reply(net, processor, family, messages, images, max_new_tokens, stdout) -> str:
-    ids = SampleEncoder(processor, family, max_length=sys.maxsize).generation_ids(messages, images)
+    encoder = SampleEncoder(processor, family, max_length=sys.maxsize)
+    ids, blocks = encoder.generation_ids(messages, images)
     inputs = {"input_ids": torch.tensor([ids])}
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs.update({key: torch.tensor([values]) for key, values in encoder.extra_inputs(ids).items()})
     if images:
-        inputs.update(family.image_inputs(processor, images))
+        inputs.update(mm.image_inputs(processor, images, blocks, "chat"))
     device = next(net.parameters()).device
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = {k: v.to(device) for k, v in inputs.items()} | {

@@ -62,7 +62,7 @@ def generate_predictions(
     loader = DataLoader(
         ConversationDataset(prompts, loaded.processor, loaded.family),
         batch_size=batch_size,
-        collate_fn=Collator(tokenizer.pad_token_id, padding_side="left"),
+        collate_fn=Collator(tokenizer.pad_token_id, padding_side="left", token_keys=loaded.family.token_type_keys),
     )
     predictions, start = [], 0
     with torch.inference_mode():

@@ -1,60 +1,36 @@
-"""Model families behind one registry: the first family whose `matches` accepts a config wins.
-
-A family says where its components live in the module tree, how many placeholder tokens an image
-takes, how images become model inputs, and how to build a new VLM from a vision encoder and an LLM.
-Everything else in vlmtune (tuning plans, data encoding, checkpoints) works through this interface.
-"""
+"""Model families and the checkpoint layouts they read, behind one registry: first match wins, and
+the error lists what is supported. A new family is one package under `vlmtune/models/` and one
+line in `_BUILTIN`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import torch
-from PIL import Image
+from vlmtune.models.family import Family, Layout
 
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    # component name -> module paths inside the model (e.g. "model.vision_tower")
-    components: dict[str, tuple[str, ...]]
-    matches: Callable[[Any], bool]  # (transformers config) -> bool
-    model_class: type  # the transformers class that loads a full folder
-    image_token_counts: Callable[[Any, list[Path]], list[int]]  # (processor, image paths) -> tokens per image
-    image_inputs: Callable[[Any, list[Image.Image]], dict[str, torch.Tensor]]  # (processor, images) -> model kwargs
-    build: Callable[..., tuple[torch.nn.Module, Any]] | None = None  # (vision_dir, llm_dir, projector, ...) -> (model, processor)
-    # older key namings found in saved weights -> the current module paths (first matching prefix wins)
-    key_renames: tuple[tuple[str, str], ...] = ()
-
-    def canonical_key(self, key: str) -> str:
-        """A weight name as the current transformers module tree spells it."""
-        for old, new in self.key_renames:
-            if key.startswith(old):
-                return new + key[len(old):]
-        return key
-
-    def component_of(self, name: str) -> str | None:
-        """The component a parameter or module name belongs to (PEFT's wrapper prefix ignored)."""
-        name = name.removeprefix("base_model.model.")
-        for component, prefixes in self.components.items():
-            if any(name == p or name.startswith(p + ".") for p in prefixes):
-                return component
-        return None
-
-
+_BUILTIN = (  # import order is match order: specific families before generic ones
+    "vlmtune.models.llava",
+)
 _FAMILIES: list[Family] = []
 
 
 def register(family: Family) -> Family:
-    _FAMILIES.append(family)
+    if all(f.name != family.name for f in _FAMILIES):
+        _FAMILIES.append(family)
     return family
 
 
 def families() -> list[Family]:
-    _load_builtin()
+    if not _FAMILIES:
+        for module in _BUILTIN:
+            importlib.import_module(module)
     return list(_FAMILIES)
+
+
+def supported() -> str:
+    return ", ".join(f.name for f in families())
 
 
 def family_for(config: Any, where: str = "model") -> Family:
@@ -62,10 +38,11 @@ def family_for(config: Any, where: str = "model") -> Family:
     for family in families():
         if family.matches(config):
             return family
-    supported = ", ".join(f.name for f in _FAMILIES)
     raise ValueError(
-        f"{where}: model type {getattr(config, 'model_type', '?')!r} is not supported by vlmtune yet "
-        f"(supported families: {supported})"
+        f"{where}: model type {getattr(config, 'model_type', '?')!r} is not a family vlmtune knows "
+        f"(supported: {supported()}); for another architecture name its components by module path in "
+        "`model.components` (e.g. {vision: [model.vision_tower], projector: [model.multi_modal_projector], "
+        "llm: [model.language_model, lm_head]})"
     )
 
 
@@ -73,9 +50,32 @@ def family_named(name: str) -> Family:
     for family in families():
         if family.name == name:
             return family
-    raise ValueError(f"unknown model family {name!r} (supported: {', '.join(f.name for f in _FAMILIES)})")
+    raise ValueError(f"unknown model family {name!r} (supported: {supported()})")
 
 
-def _load_builtin() -> None:
-    if not _FAMILIES:
-        from vlmtune.models import llava  # noqa: F401  (registers itself)
+def builder(name: str | None = None) -> Family:
+    """The family that builds a new VLM from a vision encoder and an LLM (`model.family`, default the first)."""
+    able = [f for f in families() if f.build is not None]
+    if name is None:
+        return able[0]
+    for family in able:
+        if family.name == name:
+            return family
+    raise ValueError(f"`model.family`: {name!r} cannot be built from parts (families that can: "
+                     f"{', '.join(f.name for f in able)})")
+
+
+def layouts() -> list[tuple[Family, Layout]]:
+    return [(family, layout) for family in families() for layout in family.layouts]
+
+
+def layout_for(path: Path) -> tuple[Family, Layout] | None:
+    """The first foreign layout that recognises `path`, or None (then it is a vlmtune / transformers folder)."""
+    for family, layout in layouts():
+        if layout.detect(path):
+            return family, layout
+    return None
+
+
+def layout_names() -> str:
+    return "; ".join(f"{layout.name} ({family.name})" for family, layout in layouts())

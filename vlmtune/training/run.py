@@ -16,7 +16,7 @@ from vlmtune.checkpoints.load import LoadedModel
 from vlmtune.checkpoints.manifest import data_fingerprint, model_fingerprint, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS, STAGING, save_model_folder
 from vlmtune.checkpoints.verify import verify
-from vlmtune.config import COMPONENTS, ConfigError, RunConfig
+from vlmtune.config import ConfigError, RunConfig
 from vlmtune.convert.layouts import load_any
 from vlmtune.convert.merge import Parts, assemble
 from vlmtune.convert.parts import apply_state_dict
@@ -25,7 +25,8 @@ from vlmtune.data.check import DataReport, check_data, encode_checked
 from vlmtune.data.dataset import Collator, ConversationDataset
 from vlmtune.data.encode import SampleEncoder
 from vlmtune.data.records import DataError
-from vlmtune.models.registry import family_named
+from vlmtune.models.family import LoadOptions
+from vlmtune.models.registry import builder
 from vlmtune.training.checkpointing import (
     CompleteCheckpoints,
     clean_staging,
@@ -94,13 +95,15 @@ def load_or_build(cfg: RunConfig) -> LoadedModel:
     """The model to train: any layout `model.path` names, or a new VLM from `model.vision` + `model.llm`;
     then `model.weights` over it."""
     m = cfg.model
+    options = load_options(cfg)
     if m.path:
-        loaded = load_any(m.path, trust_remote_code=m.trust_remote_code)
+        loaded = load_any(m.path, options=options, components=m.components)
     elif m.projector_weights:
         loaded = assemble(Parts(llm=Path(m.llm), vision=Path(m.vision), projector=Path(m.projector_weights)))
     else:
-        family = family_named("llava")
-        model, processor = family.build(m.vision, m.llm, m.projector, m.trust_remote_code)
+        family = builder(m.family)
+        family.check_requirements()
+        model, processor = family.build(m.vision, m.llm, m.projector, options)
         sources = {"vision": m.vision, "llm": m.llm, "projector": f"new ({m.projector})"}
         loaded = LoadedModel(model, processor, family, Path(m.vision), "built", sources=sources)
     if m.weights:
@@ -108,6 +111,11 @@ def load_or_build(cfg: RunConfig) -> LoadedModel:
             loaded.sources[component] = f"{m.weights} (state dict)"
         loaded.kind = "built" if loaded.kind == "full" else loaded.kind  # no longer the folder on disk
     return loaded
+
+
+def load_options(cfg: RunConfig) -> LoadOptions:
+    m = cfg.model
+    return LoadOptions(trust_remote_code=m.trust_remote_code, dtype=m.dtype, attn_implementation=m.attn_implementation)
 
 
 def ensure_base_on_disk(loaded: LoadedModel, out: Path) -> Path:
@@ -201,7 +209,9 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     loaded = load_or_build(cfg)
     for line in loaded.report():
         console.print(line)
-    encoder = SampleEncoder(loaded.processor, loaded.family, cfg.data.max_length, cfg.data.loss_on)
+    encoder = SampleEncoder(loaded.processor, loaded.family, cfg.data.max_length, cfg.data.loss_on, cfg.data.chat_template)
+    if encoder.renderer.template is not None:  # the template trained with is the one saved and served
+        loaded.processor.chat_template = encoder.renderer.template
     train_data = prepare_data(reports["train"], cfg, encoder, "train")
     eval_data = prepare_data(reports["eval"], cfg, encoder, "eval") if "eval" in reports else None
 
@@ -213,7 +223,8 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     model = plan.apply(loaded.model)
     console.print(plan_table(plan.rows(model)))
 
-    record = {"family": loaded.family.name, "base": base_record(loaded, base_path), "plan": plan.describe(),
+    record = {"family": loaded.family.name, "family_components": {c: list(p) for c, p in loaded.family.components.items()},
+              "base": base_record(loaded, base_path), "plan": plan.describe(),
               "data": {"train": cfg.data.train, "eval": cfg.data.eval, "fingerprint": data_fingerprint(cfg.data.train),
                        "train_samples": len(train_data.encoded), "skipped": train_data.bad,
                        "truncated": train_data.truncated},
@@ -238,7 +249,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, out / STAGING, precision, eval_dataset is not None),
-        data_collator=Collator(loaded.processor.tokenizer.pad_token_id),
+        data_collator=Collator(loaded.processor.tokenizer.pad_token_id, token_keys=loaded.family.token_type_keys),
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=loaded.processor,
@@ -254,7 +265,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     final = checkpoint_record(trainer.state)
     delta_keys = None
     if delta:
-        tuned = {c for c in COMPONENTS if plan.mode(c) != "frozen"}
+        tuned = {c for c in plan.components if plan.mode(c) != "frozen"}
         delta_keys = {k for k in model.state_dict() if plan.component_of(k) in tuned}
         final["components"] = components_record(plan, model, {"*": [DELTA_WEIGHTS], "frozen": [f"base: {base_path}"]})
     save_model_folder(model, loaded.processor, out, final, delta_keys=delta_keys)

@@ -1,6 +1,6 @@
-"""A `TuningPlan` says, for each component (vision, projector, llm), whether it is frozen, fully
-trained or LoRA-trained, and at which learning rate; it applies itself to a model and builds the
-optimizer's parameter groups.
+"""A `TuningPlan` says, for each component of the model's family (vision, projector, llm, or any
+others the family names), whether it is frozen, fully trained or LoRA-trained, and at which learning
+rate; it applies itself to a model and builds the optimizer's parameter groups.
 
 LoRA components become one PEFT adapter; fully trained components of a LoRA run are PEFT
 `modules_to_save`, so the run's output is a standard adapter folder that `peft` loads onto its base.
@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from vlmtune.config.schema import COMPONENTS, TuneConfig
-from vlmtune.models.registry import Family
+from vlmtune.config.schema import TuneConfig
+from vlmtune.models.family import PEFT_PREFIX, Family
 
-PEFT_PREFIX = "base_model.model."
+
+class PlanError(ValueError):
+    """A `tune:` section that does not fit the model's family; lists every problem."""
 
 
 @dataclass
@@ -36,44 +38,74 @@ class TuningPlan:
     default_lr: float
     totals: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def components(self) -> list[str]:
+        return list(self.family.components)
+
+    def validate(self) -> None:
+        """Every `tune.*`, `tune.lr.*` and `tune.lora.targets.*` key names a component of the family."""
+        problems = []
+        explicit = set(self.tune.model_fields_set) | set(self.tune.model_extra or {})
+        named = [f"tune.{c}" for c in self.tune.modes() if c in explicit]
+        named += [f"tune.lr.{c}" for c, v in self.tune.lr.model_dump().items() if v is not None]
+        named += [f"tune.lora.targets.{c}" for c in self.tune.lora.targets]
+        for key in named:
+            section, component = key.rsplit(".", 1)
+            if component not in self.family.components:
+                close = self.family.closest_component(component)
+                hint = f" (did you mean `{section}.{close}`?)" if close else ""
+                problems.append(f"`{key}`: the {self.family.name} family has no component {component!r}{hint}; "
+                                f"its components are {', '.join(self.family.components)}")
+        if problems:
+            raise PlanError("; ".join(problems))
+
     def mode(self, component: str) -> str:
         return self.tune.mode(component)
 
     def lr(self, component: str) -> float:
-        return getattr(self.tune.lr, component) or self.default_lr
+        return getattr(self.tune.lr, component, None) or self.default_lr
 
     @property
     def uses_lora(self) -> bool:
-        return any(self.mode(c) == "lora" for c in COMPONENTS)
+        return any(self.mode(c) == "lora" for c in self.components)
 
     def component_of(self, name: str) -> str | None:
         return self.family.component_of(name)
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Freeze, unfreeze and wrap `model` as planned; returns the model to train (maybe a PeftModel)."""
-        self.totals = {c: 0 for c in COMPONENTS}
+        self.family.check_components(model)
+        self.totals = {c: 0 for c in self.components}
         for name, param in model.named_parameters():
             component = self.component_of(name)
-            if component:
-                self.totals[component] += param.numel()
-            param.requires_grad = component is not None and self.mode(component) == "full"
+            self.totals[component] += param.numel()
+            param.requires_grad = self.mode(component) == "full"
         if not self.uses_lora:
             return model
-        model = get_peft_model(model, self.lora_config(model))
-        return model
+        return get_peft_model(model, self.lora_config(model))
 
     def lora_config(self, model: nn.Module) -> LoraConfig:
         settings = self.tune.lora
         alternatives = []
-        for component in COMPONENTS:
+        for component in self.components:
             if self.mode(component) != "lora":
                 continue
             names = settings.targets.get(component) or self._linear_names(model, component)
             if not names:
-                raise ValueError(f"tune.{component}=lora, but the {component} has no linear layers to adapt")
+                raise PlanError(f"tune.{component}=lora, but the {component} has no linear layers to adapt")
+            unmatched = [n for n in names if n not in self._linear_names(model, component, all_layers=True)]
+            if unmatched:
+                raise PlanError(f"`tune.lora.targets.{component}`: {unmatched} match no linear layer of the {component} "
+                                f"(its linear layers: {', '.join(self._linear_names(model, component, all_layers=True))})")
             prefixes = "|".join(re.escape(p) for p in self.family.components[component])
-            alternatives.append(rf"(?:{prefixes})\.(?:.*\.)?(?:{'|'.join(map(re.escape, names))})")
-        full = [p for c in COMPONENTS if self.mode(c) == "full" for p in self.family.components[c]]
+            inner = [p for c in self.components if c != component for p in self.family.components[c]
+                     if any(p.startswith(q + ".") for q in self.family.components[component])]
+            exclude = "".join(rf"(?!{re.escape(p)}\.)" for p in inner)  # a nested component is not this one
+            alternatives.append(rf"{exclude}(?:{prefixes})\.(?:.*\.)?(?:{'|'.join(map(re.escape, names))})")
+        full = [p for c in self.components if self.mode(c) == "full" for p in self.family.components[c]]
         return LoraConfig(
             r=settings.r,
             lora_alpha=settings.alpha,
@@ -82,13 +114,14 @@ class TuningPlan:
             modules_to_save=full or None,
         )
 
-    def _linear_names(self, model: nn.Module, component: str) -> list[str]:
-        """Distinct names of the component's linear layers (the output head excluded)."""
+    def _linear_names(self, model: nn.Module, component: str, all_layers: bool = False) -> list[str]:
+        """Distinct names of the component's linear layers (a component that is itself one Linear, such
+        as the output head, is not a default target)."""
         names = set()
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and self.component_of(name) == component:
-                if name.removeprefix(PEFT_PREFIX) in self.family.components[component]:
-                    continue  # a component that is itself one Linear (e.g. lm_head) is not a LoRA target
+                if not all_layers and name.removeprefix(PEFT_PREFIX) in self.family.components[component]:
+                    continue
                 names.add(name.rsplit(".", 1)[-1])
         return sorted(names)
 
@@ -100,7 +133,7 @@ class TuningPlan:
                 continue
             component = self.component_of(name)
             if component is None:
-                raise ValueError(f"trainable parameter {name} belongs to no component of the {self.family.name} family")
+                raise PlanError(f"trainable parameter {name} belongs to no component of the {self.family.name} family")
             decay = param.ndim >= 2 and weight_decay > 0
             group = groups.setdefault(
                 (component, decay),
@@ -110,18 +143,18 @@ class TuningPlan:
         return list(groups.values())
 
     def rows(self, model: nn.Module) -> list[ComponentRow]:
-        trainable = {c: 0 for c in COMPONENTS}
+        trainable = {c: 0 for c in self.components}
         for name, param in model.named_parameters():
             component = self.component_of(name)
             if component and param.requires_grad:
                 trainable[component] += param.numel()
         return [
             ComponentRow(c, self.mode(c), trainable[c], self.totals.get(c, 0), self.lr(c) if self.mode(c) != "frozen" else None)
-            for c in COMPONENTS
+            for c in self.components
         ]
 
     def describe(self) -> dict:
         """The plan as plain data, for the manifest."""
         return {
-            c: {"mode": self.mode(c), "lr": self.lr(c) if self.mode(c) != "frozen" else None} for c in COMPONENTS
+            c: {"mode": self.mode(c), "lr": self.lr(c) if self.mode(c) != "frozen" else None} for c in self.components
         } | {"lora": self.tune.lora.model_dump() if self.uses_lora else None}

@@ -1,8 +1,9 @@
-"""LLaVA: vision tower -> multi-modal projector -> language model (`LlavaForConditionalGeneration`)."""
+"""A new LLaVA model from a pretrained vision encoder and LLM (stage 1); only the projector is new.
+
+The model skeleton is created on the meta device and the loaded encoder and LLM are put in place,
+so a 7B LLM is held once in memory, not twice (random init, then overwritten)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from transformers import (
@@ -15,45 +16,33 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from vlmtune.models.chat_template import DEFAULT_CHAT_TEMPLATE
-from vlmtune.models.registry import Family, register
+from vlmtune.models.family import LoadOptions
 
 IMAGE_TOKEN = "<image>"
+DUAL_ENCODERS = ("clip", "siglip", "siglip2")
 
 
-def image_token_counts(processor: LlavaProcessor, images: list[Path]) -> list[int]:
-    """Every image is resized to the crop size, so each takes the same number of tokens."""
-    crop = processor.image_processor.crop_size
-    patch = processor.patch_size
-    count = (crop["height"] // patch) * (crop["width"] // patch) + processor.num_additional_image_tokens
-    if processor.vision_feature_select_strategy == "default":
-        count -= 1  # the CLS token is dropped
-    return [count] * len(images)
-
-
-def image_inputs(processor: LlavaProcessor, images) -> dict[str, torch.Tensor]:
-    return {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"]}
-
-
-def load_vision(vision_dir: str, trust_remote_code: bool = False):
+def load_vision(vision_dir: str, options: LoadOptions = LoadOptions()):
     """A vision encoder folder, or the vision half of a CLIP/SigLIP dual-encoder folder."""
-    config = AutoConfig.from_pretrained(vision_dir, trust_remote_code=trust_remote_code)
-    if hasattr(config, "vision_config") and config.model_type in ("clip", "siglip", "siglip2"):
+    config = AutoConfig.from_pretrained(vision_dir, trust_remote_code=options.trust_remote_code)
+    if hasattr(config, "vision_config") and config.model_type in DUAL_ENCODERS:
         from transformers import CLIPVisionModel, Siglip2VisionModel, SiglipVisionModel
 
         cls = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel, "siglip2": Siglip2VisionModel}[config.model_type]
-        return cls.from_pretrained(vision_dir)
-    return AutoModel.from_pretrained(vision_dir, trust_remote_code=trust_remote_code)
+        return cls.from_pretrained(vision_dir, **options.kwargs())
+    return AutoModel.from_pretrained(vision_dir, **options.kwargs())
 
 
-def build(vision_dir: str, llm_dir: str, projector: str = "mlp2x_gelu", trust_remote_code: bool = False):
-    """A new LLaVA model from a pretrained vision encoder and LLM, with a freshly initialised projector."""
+def build(vision_dir: str, llm_dir: str, projector: str = "mlp2x_gelu", options: LoadOptions = LoadOptions()):
+    """A new LLaVA model from a vision encoder folder and an LLM folder, with a new projector."""
     return build_from_parts(
-        load_vision(vision_dir, trust_remote_code),
-        AutoImageProcessor.from_pretrained(vision_dir),
-        AutoModelForCausalLM.from_pretrained(llm_dir, trust_remote_code=trust_remote_code),
-        AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=trust_remote_code),
+        load_vision(vision_dir, options),
+        AutoImageProcessor.from_pretrained(vision_dir, trust_remote_code=options.trust_remote_code),
+        AutoModelForCausalLM.from_pretrained(llm_dir, **options.kwargs()),
+        AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=options.trust_remote_code),
         projector,
     )
 
@@ -84,10 +73,7 @@ def build_from_parts(vision, image_processor, llm, tokenizer, projector: str = "
         vision_feature_layer=vision_feature_layer,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
-    model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower.load_state_dict(vision.state_dict())
-    model.model.language_model.load_state_dict(llm.get_decoder().state_dict())
-    model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
+    model = _assemble(config, vision, llm)
     if projector == "linear":
         # transformers' LLaVA projector is Linear-act-Linear; with an identity activation and an
         # identity second layer it is exactly a linear projector, and still loads in plain transformers.
@@ -110,24 +96,19 @@ def build_from_parts(vision, image_processor, llm, tokenizer, projector: str = "
     return model, processor
 
 
-LLAVA = register(
-    Family(
-        name="llava",
-        components={
-            "vision": ("model.vision_tower",),
-            "projector": ("model.multi_modal_projector",),
-            "llm": ("model.language_model", "lm_head"),
-        },
-        matches=lambda config: getattr(config, "model_type", None) == "llava",
-        model_class=LlavaForConditionalGeneration,
-        image_token_counts=image_token_counts,
-        image_inputs=image_inputs,
-        build=build,
-        key_renames=(  # transformers before 4.52 (and 5.x when saving) name LLaVA weights this way
-            ("language_model.model.", "model.language_model."),
-            ("language_model.lm_head.", "lm_head."),
-            ("vision_tower.", "model.vision_tower."),
-            ("multi_modal_projector.", "model.multi_modal_projector."),
-        ),
-    )
-)
+def _assemble(config: LlavaConfig, vision, llm) -> LlavaForConditionalGeneration:
+    """The skeleton on the meta device; the loaded parts moved in, the projector initialised."""
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = llm.get_decoder()
+    model.lm_head = llm.get_output_embeddings()
+    dtype = next(llm.parameters()).dtype
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
+    model.model.multi_modal_projector.apply(model._init_weights)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.language_model.get_input_embeddings().weight
+    left = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"building LLaVA from parts left {len(left)} parameter(s) unfilled: {left[:5]}")
+    return model

@@ -1,0 +1,119 @@
+"""The `Family` interface: everything vlmtune needs to know about one VLM architecture.
+
+A family names its components (any number, any names) by module-path prefixes, says how an image
+becomes placeholder tokens and model inputs (by default through the transformers processor's own
+`replace_image_token` protocol, so the ids vlmtune trains on are the ids the processor produces),
+where it needs explicit position ids, how to build one from parts, and which foreign checkpoint
+layouts it reads. Nothing outside `vlmtune/models/` names a particular family.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Passed through every load (train, verify, merge, export, inspect, inference)."""
+
+    trust_remote_code: bool = False
+    dtype: str | None = None  # "float32" | "bfloat16" | "float16" | None (as saved)
+    attn_implementation: str | None = None  # "sdpa" | "eager" | "flash_attention_2" | None (default)
+    device_map: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `from_pretrained` (trust_remote_code always explicit: never prompt)."""
+        out: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.dtype:
+            out["dtype"] = self.dtype
+        if self.attn_implementation:
+            out["attn_implementation"] = self.attn_implementation
+        if self.device_map:
+            out["device_map"] = self.device_map
+        return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A checkpoint layout vlmtune reads: how to recognise it, load it and describe it."""
+
+    name: str  # e.g. "original LLaVA repository folder"
+    detect: Callable[[Path], bool]
+    load: Callable[..., Any]  # (path, options: LoadOptions) -> LoadedModel
+    describe: Callable[[Path], dict] | None = None  # plain data for `vlmtune inspect`
+    hint: str = ""  # what to do with it, for messages
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    # component name -> module path prefixes inside the model; the longest matching prefix wins
+    components: dict[str, tuple[str, ...]]
+    matches: Callable[[Any], bool]  # (transformers config) -> bool
+    model_class: type | None = None  # loads a full folder; None: AutoModelForImageTextToText
+    # tokens the chat template writes around an image's placeholder; they belong to its block
+    image_wrappers: tuple[str, ...] = ()
+    build: Callable[..., tuple[nn.Module, Any]] | None = None  # (vision, llm, projector, options) -> (model, processor)
+    key_renames: tuple[tuple[str, str], ...] = ()  # older key namings -> current module paths
+    layouts: tuple[Layout, ...] = ()
+    # (model, batch) -> position ids, where the model needs more than 0..n-1 (Qwen's 3-row rope)
+    position_ids: Callable[[nn.Module, dict], Any] | None = None
+    requires: tuple[str, ...] = ()  # Python packages its processor needs, e.g. ("torchvision",)
+    token_type_keys: tuple[str, ...] = ()  # per-token model inputs the encoder must produce
+    notes: str = ""
+
+    def canonical_key(self, key: str) -> str:
+        """A weight name as the current transformers module tree spells it."""
+        for old, new in self.key_renames:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
+    def component_of(self, name: str) -> str | None:
+        """The component a parameter or module name belongs to (longest prefix; PEFT's wrapper ignored)."""
+        name = name.removeprefix(PEFT_PREFIX)
+        best, best_len = None, -1
+        for component, prefixes in self.components.items():
+            for prefix in prefixes:
+                if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
+                    best, best_len = component, len(prefix)
+        return best
+
+    def check_requirements(self) -> None:
+        """One sentence naming the missing package, before anything loads."""
+        missing = [pkg for pkg in self.requires if importlib.util.find_spec(pkg) is None]
+        if missing:
+            raise ModuleNotFoundError(
+                f"the {self.name} family's processor needs {', '.join(missing)}: pip install {' '.join(missing)} "
+                f"(on x86_64: pip install torch==2.14.1 torchvision==0.29.1)")
+
+    def uncovered(self, model: nn.Module) -> list[str]:
+        """Parameters in no component: an error, never silently frozen."""
+        return [name for name, _ in model.named_parameters() if self.component_of(name) is None]
+
+    def check_components(self, model: nn.Module) -> None:
+        missing = self.uncovered(model)
+        if missing:
+            raise ValueError(
+                f"{len(missing)} parameter(s) of this {self.name} model belong to no component "
+                f"({', '.join(self.components)}): {missing[:8]}; name them in `model.components`")
+
+    def closest_component(self, name: str) -> str | None:
+        found = difflib.get_close_matches(name, list(self.components), n=1)
+        return found[0] if found else None
+
+
+def custom_family(model_type: str, components: dict[str, list[str]]) -> Family:
+    """A model vlmtune has no family for, with the component map the user gave in `model.components`
+    (module-path prefixes); it loads through `AutoModelForImageTextToText` and the processor's protocol."""
+    return Family(name=f"custom ({model_type})", components={c: tuple(p) for c, p in components.items()},
+                  matches=lambda config: getattr(config, "model_type", None) == model_type)
+
