@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-_BLOCKS: dict[tuple[int, tuple[int, int]], str] = {}  # (id(processor), size) -> block text
-
 
 class ImageBlockMismatch(ValueError):
     """The processor gave an image another token block than the sample was encoded with."""
@@ -49,10 +47,10 @@ def process(processor, images: list[Image.Image]) -> tuple[dict[str, torch.Tenso
 
 def image_block(processor, size: tuple[int, int]) -> str:
     """The text an image of `size` (width, height) becomes; cached per processor and size."""
-    key = (id(processor), tuple(size))
-    if key not in _BLOCKS:
-        _BLOCKS[key] = process(processor, [Image.new("RGB", tuple(size))])[1][0]
-    return _BLOCKS[key]
+    cache = processor.__dict__.setdefault("_vlmtune_blocks", {})  # lives and dies with the processor
+    if size not in cache:
+        cache[size] = process(processor, [Image.new("RGB", tuple(size))])[1][0]
+    return cache[size]
 
 
 def image_inputs(processor, images: list[Image.Image], expected_blocks: list[str] | None = None,

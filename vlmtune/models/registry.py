@@ -12,6 +12,10 @@ from vlmtune.models.family import Family, Layout
 
 _BUILTIN = (  # import order is match order: specific families before generic ones
     "vlmtune.models.llava",
+    "vlmtune.models.llava_next",
+    "vlmtune.models.qwen_vl",
+    "vlmtune.models.idefics3",
+    "vlmtune.models.gemma3",
 )
 _FAMILIES: list[Family] = []
 
@@ -23,9 +27,9 @@ def register(family: Family) -> Family:
 
 
 def families() -> list[Family]:
-    if not _FAMILIES:
-        for module in _BUILTIN:
-            importlib.import_module(module)
+    """Every family, in registration order (imports are cached, so this is cheap after the first call)."""
+    for module in _BUILTIN:
+        importlib.import_module(module)
     return list(_FAMILIES)
 
 

@@ -1,0 +1,29 @@
+"""The `llava_next` family entry. `image_newline` (the learned separator between tile rows) is part
+of the projector: it is trained with it and saved with it."""
+
+from __future__ import annotations
+
+from transformers import LlavaNextForConditionalGeneration
+
+from vlmtune.models.family import Family
+from vlmtune.models.registry import register
+
+LLAVA_NEXT = register(
+    Family(
+        name="llava_next",
+        components={
+            "vision": ("model.vision_tower",),
+            "projector": ("model.multi_modal_projector", "model.image_newline"),
+            "llm": ("model.language_model", "lm_head"),
+        },
+        matches=lambda config: getattr(config, "model_type", None) == "llava_next",
+        model_class=LlavaNextForConditionalGeneration,
+        key_renames=(
+            ("language_model.model.", "model.language_model."),
+            ("language_model.lm_head.", "lm_head."),
+            ("vision_tower.", "model.vision_tower."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+            ("image_newline", "model.image_newline"),
+        ),
+    )
+)
