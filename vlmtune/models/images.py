@@ -40,8 +40,10 @@ def _images_kwargs(processor) -> dict[str, Any]:
 def process(processor, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(model inputs, block text per image) exactly as `processor(text=..., images=...)` computes them."""
     processed, blocks = processor._process_images(images, **_images_kwargs(processor))
+    wanted = getattr(processor.image_processor, "model_input_names", None) or list(processed)
+    unused = set(getattr(processor, "unused_input_names", ()))  # e.g. Idefics3's rows / cols
     tensors = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in dict(processed).items()
-               if k not in getattr(processor, "unused_input_names", ())}
+               if k in wanted and k not in unused}
     return tensors, blocks
 
 

@@ -222,6 +222,9 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     base_path = ensure_base_on_disk(loaded, out) if plan.uses_lora or delta else None
     model = plan.apply(loaded.model)
     console.print(plan_table(plan.rows(model)))
+    if plan.kept_frozen:
+        console.print(f"[yellow]note:[/] {', '.join(plan.kept_frozen)} stay frozen: a PEFT adapter can only carry whole "
+                      "modules beside its LoRA weights (train without LoRA to tune them)")
 
     record = {"family": loaded.family.name, "family_components": {c: list(p) for c, p in loaded.family.components.items()},
               "base": base_record(loaded, base_path), "plan": plan.describe(),

@@ -37,6 +37,7 @@ class TuningPlan:
     family: Family
     default_lr: float
     totals: dict[str, int] = field(default_factory=dict)
+    kept_frozen: list[str] = field(default_factory=list)  # parameters of full components an adapter cannot carry
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,7 +86,11 @@ class TuningPlan:
             param.requires_grad = self.mode(component) == "full"
         if not self.uses_lora:
             return model
-        return get_peft_model(model, self.lora_config(model))
+        model = get_peft_model(model, self.lora_config(model))
+        for name, param in model.named_parameters():
+            if name.removeprefix(PEFT_PREFIX) in self.kept_frozen:
+                param.requires_grad = False
+        return model
 
     def lora_config(self, model: nn.Module) -> LoraConfig:
         settings = self.tune.lora
@@ -105,7 +110,7 @@ class TuningPlan:
                      if any(p.startswith(q + ".") for q in self.family.components[component])]
             exclude = "".join(rf"(?!{re.escape(p)}\.)" for p in inner)  # a nested component is not this one
             alternatives.append(rf"{exclude}(?:{prefixes})\.(?:.*\.)?(?:{'|'.join(map(re.escape, names))})")
-        full = [p for c in self.components if self.mode(c) == "full" for p in self.family.components[c]]
+        full = [m for c in self.components if self.mode(c) == "full" for m in self._full_modules(model, c)]
         return LoraConfig(
             r=settings.r,
             lora_alpha=settings.alpha,
@@ -113,6 +118,35 @@ class TuningPlan:
             target_modules="|".join(alternatives),
             modules_to_save=full or None,
         )
+
+    def _full_modules(self, model: nn.Module, component: str) -> list[str]:
+        """The modules PEFT saves whole (`modules_to_save`) for a fully trained component of a LoRA run.
+
+        A component with another one nested inside it (Qwen's vision tower around its merger) is split
+        into its children, so the nested component keeps its own mode; containers (ModuleList) are
+        split into their items, which PEFT can wrap. A bare parameter (LLaVA-NeXT's `image_newline`)
+        cannot be carried by an adapter: it stays frozen, and the plan says so."""
+        modules = dict(model.named_modules())
+        others = [p for c in self.components if c != component for p in self.family.components[c]]
+        out = []
+
+        def walk(path: str) -> None:
+            module = modules.get(path)
+            if module is None:
+                self.kept_frozen.append(path)
+                return
+            nested = any(o.startswith(path + ".") for o in others)
+            if not nested and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+                out.append(path)
+                return
+            self.kept_frozen += [f"{path}.{n}" for n, _ in module.named_parameters(recurse=False)]
+            for child, _ in module.named_children():
+                if f"{path}.{child}" not in others:
+                    walk(f"{path}.{child}")
+
+        for prefix in self.family.components[component]:
+            walk(prefix)
+        return out
 
     def _linear_names(self, model: nn.Module, component: str, all_layers: bool = False) -> list[str]:
         """Distinct names of the component's linear layers (a component that is itself one Linear, such
@@ -157,4 +191,5 @@ class TuningPlan:
         """The plan as plain data, for the manifest."""
         return {
             c: {"mode": self.mode(c), "lr": self.lr(c) if self.mode(c) != "frozen" else None} for c in self.components
-        } | {"lora": self.tune.lora.model_dump() if self.uses_lora else None}
+        } | {"lora": self.tune.lora.model_dump() if self.uses_lora else None,
+             "kept_frozen": list(self.kept_frozen)}
