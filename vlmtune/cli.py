@@ -56,6 +56,34 @@ def cmd_data_check(args) -> int:
     return EXIT_BAD_DATA if report.problems else 0
 
 
+def cmd_data_show(args) -> int:
+    from vlmtune.checkpoints.load import load_model
+    from vlmtune.console import console
+    from vlmtune.data.check import check_data, encode_checked
+    from vlmtune.data.encode import SampleEncoder
+    from vlmtune.data.show import as_json, as_text
+
+    report = check_data(args.files, args.images_root)
+    loaded = load_model(args.model)
+    encode_checked(report, SampleEncoder(loaded.processor, loaded.family, args.max_length, args.loss_on,
+                                         args.chat_template))
+    encoded = report.encoded
+    if args.index is not None:
+        if not 0 <= args.index < len(encoded):
+            console.print(f"[red]error[/] --index {args.index}: the data has {len(encoded)} usable sample(s) "
+                          f"(0..{len(encoded) - 1})")
+            return EXIT_BAD_DATA
+        encoded = [encoded[args.index]]
+    if args.json:
+        print(json.dumps([as_json(e) for e in encoded]))
+    else:
+        for problem in report.problems:
+            console.print(f"[red]error[/] {problem}")
+        for item in encoded:
+            console.print(as_text(item, loaded.processor.tokenizer))
+    return EXIT_BAD_DATA if report.problems else 0
+
+
 def cmd_generate(args) -> int:
     from vlmtune.console import console
     from vlmtune.inference.generate import generate_predictions, write_predictions
@@ -198,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-on", choices=["assistant", "last_turn", "all"], default="assistant")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_data_check)
+    p = data.add_parser("show", help="print what samples become: tokens, image blocks, trained tokens highlighted",
+                        description="Example: vlmtune data show train.jsonl --model runs/stage1 --index 0")
+    p.add_argument("files", nargs="+", help="JSON or JSON Lines data files")
+    p.add_argument("--model", required=True, help="model folder whose processor and chat template encode the data")
+    p.add_argument("--index", type=int, help="show only this sample (0-based, among usable samples; default: all)")
+    p.add_argument("--images-root", help="folder image paths are relative to (default: each file's folder)")
+    p.add_argument("--max-length", type=int, default=2048, help="token budget per sample (default: 2048)")
+    p.add_argument("--loss-on", choices=["assistant", "last_turn", "all"], default="assistant",
+                   help="which tokens are trained (default: assistant)")
+    p.add_argument("--chat-template", help="a built-in template name or a .jinja file (default: the model's own)")
+    p.add_argument("--json", action="store_true", help="one JSON list: per sample id, input_ids, labels (-100: no loss)")
+    p.set_defaults(func=cmd_data_show)
 
     for name, func, text in (("generate", cmd_generate, "answer every sample of a data file (batched)"),
                              ("eval", cmd_eval, "exact-match accuracy against each sample's last assistant turn")):

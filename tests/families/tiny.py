@@ -172,3 +172,19 @@ BUILDERS = {
     "smolvlm": _idefics(T.SmolVLMConfig, T.SmolVLMForConditionalGeneration, T.SmolVLMProcessor, T.SmolVLMVideoProcessor),
     "gemma3": _gemma3,
 }
+
+
+def build_vipllava(folder: Path, kind: str = "bytelevel") -> Path:
+    """A family vlmtune has no entry for (VipLLaVA), to be tuned through `model.components`."""
+    torch.manual_seed(0)
+    tok = tokenizer(kind, ["<image>"], folder / "tokenizer-src")
+    image_id, = _ids(tok, "<image>")
+    config = T.VipLlavaConfig(vision_config={**CLIP, "model_type": "clip_vision_model"},
+                              text_config={**LLAMA, "model_type": "llama", "vocab_size": len(tok)},
+                              image_token_index=image_id, vision_feature_layers=[-2, -1])
+    processor = T.LlavaProcessor(T.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+                                 tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                 chat_template=chat_template("<image>\n"))
+    T.VipLlavaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -62,10 +62,15 @@ def _base_folder(folder: Path, recorded: str | None, what: str) -> Path:
     return base
 
 
+def recorded_components(folder: Path) -> dict[str, list[str]] | None:
+    """The component map a vlmtune folder's manifest recorded (for models no family describes)."""
+    return (read_manifest(folder) or {}).get("family_components") if (folder / "vlmtune.json").is_file() else None
+
+
 def resolve_family(folder: Path, config, components: dict[str, list[str]] | None = None) -> Family:
-    """The family of a folder: the user's component map, the one its manifest recorded, or the registry's."""
+    """The family of a folder: the user's component map, the registry's, or the one its manifest recorded."""
     if components is None:
-        recorded = (read_manifest(folder) or {}).get("family_components") if (folder / "vlmtune.json").is_file() else None
+        recorded = recorded_components(folder)
         try:
             return family_for(config, where=str(folder))
         except ValueError:
@@ -84,9 +89,9 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapt
     if not folder.is_dir():
         raise ModelLoadError(f"model path {folder} is not a folder")
     if (folder / "adapter_config.json").is_file():
-        return _load_adapter(folder, options, merge_adapters, components)
+        return _load_adapter(folder, options, merge_adapters, components or recorded_components(folder))
     if (folder / DELTA_WEIGHTS).is_file():
-        return _load_delta(folder, options, components)
+        return _load_delta(folder, options, components or recorded_components(folder))
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not a model folder: it has neither config.json nor adapter_config.json")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
