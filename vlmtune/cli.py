@@ -327,12 +327,17 @@ def main(argv: list[str] | None = None) -> int:
     from vlmtune.console import console
     from vlmtune.convert.weights import ConversionError
     from vlmtune.data.records import DataError
+    from vlmtune.data.templates import TemplateError
+    from vlmtune.models.family import FamilyError
+    from vlmtune.models.images import ImageBlockMismatch
+    from vlmtune.tuning.plan import PlanError
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, ConversionError, FileNotFoundError) as err:
+    except (ConfigError, ModelLoadError, ConversionError, FileNotFoundError, FamilyError, PlanError, TemplateError,
+            ImageBlockMismatch) as err:
         console.print(f"[red]error:[/] {err}")
         return EXIT_USAGE
     except DataError as err:

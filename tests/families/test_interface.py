@@ -17,8 +17,8 @@ from vlmtune.checkpoints.load import load_model
 from vlmtune.config import load_config
 from vlmtune.data.check import check_data, encode_checked
 from vlmtune.data.encode import SampleEncoder
-from vlmtune.data.dataset import Collator, ConversationDataset
-from vlmtune.models.family import Family, custom_family
+from vlmtune.data.dataset import ConversationDataset, collator_for
+from vlmtune.models.family import Family, FamilyError, custom_family
 from vlmtune.models.registry import family_for, family_named
 from vlmtune.training.run import train
 from vlmtune.tuning.plan import PlanError, TuningPlan
@@ -93,7 +93,7 @@ def test_qwen_position_ids_are_the_models_own(family_model, tmp_path):
     family = family_for(AutoConfig.from_pretrained(folder))
     report = check_data([str(data_file(tmp_path))])
     encode_checked(report, SampleEncoder(processor, family, 512))
-    batch = Collator(processor.tokenizer.pad_token_id, token_keys=family.token_type_keys)(
+    batch = collator_for(family, processor.tokenizer.pad_token_id)(
         [ConversationDataset(report.encoded, processor, family)[i] for i in range(3)])  # three image sizes
     positions = family.position_ids(model, batch)
     assert positions.shape == (3, 3, batch["input_ids"].shape[1])
@@ -107,7 +107,7 @@ def test_qwen_position_ids_are_the_models_own(family_model, tmp_path):
 
 def test_a_missing_processor_package_is_one_sentence():
     family = Family("needs-pkg", {"llm": ("model",)}, lambda c: False, requires=("vlmtune_no_such_package",))
-    with pytest.raises(ModuleNotFoundError) as err:
+    with pytest.raises(FamilyError) as err:
         family.check_requirements()
     assert str(err.value).startswith("the needs-pkg family's processor needs vlmtune_no_such_package: pip install")
     assert family_named("qwen2_vl").requires == ("torchvision",) and family_named("llava").requires == ()

@@ -188,3 +188,28 @@ def build_vipllava(folder: Path, kind: str = "bytelevel") -> Path:
     T.VipLlavaForConditionalGeneration(config).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+MINICPM_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "image_start_token": "<image>",
+                  "image_end_token": "</image>", "slice_start_token": "<slice>", "slice_end_token": "</slice>",
+                  "image_id_start_token": "<image_id>", "image_id_end_token": "</image_id>"}
+
+
+def _minicpmv4_6(src, kind):
+    tokenizer(kind, list(MINICPM_TOKENS.values()), src).save_pretrained(src / "minicpm")
+    tok = T.AutoTokenizer.from_pretrained(src / "minicpm", extra_special_tokens=MINICPM_TOKENS)
+    image, video = _ids(tok, MINICPM_TOKENS["image_token"], MINICPM_TOKENS["video_token"])
+    config = T.MiniCPMV4_6Config(
+        text_config=dict(model_type="qwen3", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=len(tok),
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=14),
+        insert_layer_id=1, image_size=56, image_token_id=image, video_token_id=video)
+    images = T.MiniCPMV4_6ImageProcessor(scale_resolution=56, patch_size=14, max_slice_nums=4)
+    videos = T.MiniCPMV4_6VideoProcessor(scale_resolution=56, patch_size=14, max_slice_nums=1)
+    processor = T.MiniCPMV4_6Processor(images, videos, tok, chat_template=chat_template(MINICPM_TOKENS["image_token"]))
+    return T.MiniCPMV4_6ForConditionalGeneration(config), processor
+
+
+BUILDERS["minicpmv4_6"] = _minicpmv4_6

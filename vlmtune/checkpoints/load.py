@@ -67,10 +67,12 @@ def recorded_components(folder: Path) -> dict[str, list[str]] | None:
     return (read_manifest(folder) or {}).get("family_components") if (folder / "vlmtune.json").is_file() else None
 
 
-def resolve_family(folder: Path, config, components: dict[str, list[str]] | None = None) -> Family:
-    """The family of a folder: the user's component map, the registry's, or the one its manifest recorded."""
+def resolve_family(folder: Path, config, components: dict[str, list[str]] | None = None,
+                   recorded: dict[str, list[str]] | None = None) -> Family:
+    """The family of a folder: the user's component map, the registry's, or the one a manifest recorded
+    (the folder's own, or that of the adapter or delta that needs this base)."""
     if components is None:
-        recorded = recorded_components(folder)
+        recorded = recorded or recorded_components(folder)
         try:
             return family_for(config, where=str(folder))
         except ValueError:
@@ -81,7 +83,8 @@ def resolve_family(folder: Path, config, components: dict[str, list[str]] | None
 
 
 def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapters: bool = True,
-               options: LoadOptions | None = None, components: dict[str, list[str]] | None = None) -> LoadedModel:
+               options: LoadOptions | None = None, components: dict[str, list[str]] | None = None,
+               recorded: dict[str, list[str]] | None = None) -> LoadedModel:
     """Load `path` for training or inference; adapters are applied to their base (merged by default)."""
     options = options or LoadOptions(trust_remote_code=trust_remote_code)
     trust_remote_code = options.trust_remote_code
@@ -89,13 +92,13 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapt
     if not folder.is_dir():
         raise ModelLoadError(f"model path {folder} is not a folder")
     if (folder / "adapter_config.json").is_file():
-        return _load_adapter(folder, options, merge_adapters, components or recorded_components(folder))
+        return _load_adapter(folder, options, merge_adapters, components)
     if (folder / DELTA_WEIGHTS).is_file():
-        return _load_delta(folder, options, components or recorded_components(folder))
+        return _load_delta(folder, options, components)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not a model folder: it has neither config.json nor adapter_config.json")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    family = resolve_family(folder, config, components)
+    family = resolve_family(folder, config, components, recorded)
     family.check_requirements()
     if not has_processor(folder):
         raise ModelLoadError(f"{folder} has no processor_config.json or preprocessor_config.json: the image processor is missing")
@@ -129,7 +132,7 @@ def _load_adapter(folder: Path, options: LoadOptions, merge: bool, components=No
 
     adapter = json.loads((folder / "adapter_config.json").read_text())
     base = load_model(_base_folder(folder, adapter.get("base_model_name_or_path"), "adapter_config.json"),
-                      options=options, components=components)
+                      options=options, components=components, recorded=recorded_components(folder))
     model = PeftModel.from_pretrained(base.model, folder)
     lora, full = set(), set()
     for name, module in model.named_modules():
@@ -158,7 +161,7 @@ def _load_delta(folder: Path, options: LoadOptions, components=None) -> LoadedMo
             "(its config or weights differ from the fingerprint recorded in vlmtune.json); "
             "restore the original base or load a full checkpoint"
         )
-    base = load_model(base_path, options=options, components=components)
+    base = load_model(base_path, options=options, components=components, recorded=recorded_components(folder))
     delta = load_file(str(folder / DELTA_WEIGHTS))
     result = base.model.load_state_dict(delta, strict=False)
     if result.unexpected_keys:

@@ -13,6 +13,10 @@ from vlmtune.data.encode import IGNORE, EncodedSample, Prompt
 from vlmtune.models import images as mm
 from vlmtune.models.family import Family
 
+
+def collator_for(family: Family, pad_token_id: int, padding_side: str = "right") -> "Collator":
+    return Collator(pad_token_id, padding_side, family.token_type_keys, dict(family.concat_dims))
+
 TEXT_KEYS = ("input_ids", "labels", "attention_mask")
 
 
@@ -56,6 +60,7 @@ class Collator:
     pad_token_id: int
     padding_side: str = "right"  # "left" for generation
     token_keys: tuple[str, ...] = field(default_factory=tuple)  # per-token inputs, padded with 0
+    concat_dims: dict[str, int] = field(default_factory=dict)  # image inputs joined along another dim than 0
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         longest = max(len(item["input_ids"]) for item in items)
@@ -70,7 +75,9 @@ class Collator:
                 batch[key] = self._pad([i[key] for i in items], longest, 0)
         image_keys = sorted({k for item in items for k in item if k not in TEXT_KEYS and k not in self.token_keys})
         for key in image_keys:
-            batch[key] = concat_padded([item[key] for item in items if key in item])  # [images in batch, ...]
+            tensors = [item[key] for item in items if key in item]
+            dim = self.concat_dims.get(key)
+            batch[key] = torch.cat(tensors, dim) if dim is not None else concat_padded(tensors)  # [images, ...]
         return batch
 
     def _pad(self, rows: list[torch.Tensor], length: int, value: int) -> torch.Tensor:

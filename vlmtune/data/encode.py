@@ -115,7 +115,7 @@ class SampleEncoder:
                                 f"{len(images)} image(s)")
         blocks = [mm.image_block(self.processor, image_size(image)) for image in images]
         out, spans, starts, shifts, last, shift = [], [], [], [], 0, 0
-        for block in blocks:
+        for block in mm.number_blocks(self.processor, text, blocks):
             at = text.index(self.image_token, last)
             out.append(text[last:at])
             spans.append((at + shift, at + shift + len(block)))

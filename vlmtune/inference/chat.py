@@ -65,6 +65,7 @@ def _reply(net, processor, family, messages, images, max_new_tokens, stdout) -> 
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = {k: v.to(device) for k, v in inputs.items()} | {
         "max_new_tokens": max_new_tokens, "do_sample": False, "streamer": streamer,
+        "suppress_tokens": mm.placeholder_ids(processor),
         "pad_token_id": processor.tokenizer.pad_token_id}
     worker = Thread(target=lambda: net.generate(**kwargs))
     worker.start()

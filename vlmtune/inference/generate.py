@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 from vlmtune.checkpoints.load import LoadedModel, load_model
 from vlmtune.console import console
 from vlmtune.data.check import check_data
-from vlmtune.data.dataset import Collator, ConversationDataset
+from vlmtune.data.dataset import ConversationDataset, collator_for
+from vlmtune.models import images as mm
 from vlmtune.data.encode import SampleDropped, SampleEncoder
 from vlmtune.data.records import DataError, Problem
 
@@ -62,13 +63,14 @@ def generate_predictions(
     loader = DataLoader(
         ConversationDataset(prompts, loaded.processor, loaded.family),
         batch_size=batch_size,
-        collate_fn=Collator(tokenizer.pad_token_id, padding_side="left", token_keys=loaded.family.token_type_keys),
+        collate_fn=collator_for(loaded.family, tokenizer.pad_token_id, padding_side="left"),
     )
     predictions, start = [], 0
     with torch.inference_mode():
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             output = net.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                  suppress_tokens=mm.placeholder_ids(loaded.processor),
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
             for prompt, text in zip(prompts[start:start + len(texts)], texts):

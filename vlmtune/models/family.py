@@ -20,6 +20,10 @@ from torch import nn
 PEFT_PREFIX = "base_model.model."
 
 
+class FamilyError(ValueError):
+    """A model that does not fit a family (unknown type, unassigned parameters, a missing package)."""
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """Passed through every load (train, verify, merge, export, inspect, inference)."""
@@ -68,6 +72,8 @@ class Family:
     position_ids: Callable[[nn.Module, dict], Any] | None = None
     requires: tuple[str, ...] = ()  # Python packages its processor needs, e.g. ("torchvision",)
     token_type_keys: tuple[str, ...] = ()  # per-token model inputs the encoder must produce
+    # image inputs a batch joins along another dim than 0 (MiniCPM-V 4.6 lays all patches along the width)
+    concat_dims: tuple[tuple[str, int], ...] = ()
     notes: str = ""
 
     def canonical_key(self, key: str) -> str:
@@ -91,7 +97,7 @@ class Family:
         """One sentence naming the missing package, before anything loads."""
         missing = [pkg for pkg in self.requires if importlib.util.find_spec(pkg) is None]
         if missing:
-            raise ModuleNotFoundError(
+            raise FamilyError(
                 f"the {self.name} family's processor needs {', '.join(missing)}: pip install {' '.join(missing)} "
                 f"(on x86_64: pip install torch==2.14.1 torchvision==0.29.1)")
 
@@ -102,7 +108,7 @@ class Family:
     def check_components(self, model: nn.Module) -> None:
         missing = self.uncovered(model)
         if missing:
-            raise ValueError(
+            raise FamilyError(
                 f"{len(missing)} parameter(s) of this {self.name} model belong to no component "
                 f"({', '.join(self.components)}): {missing[:8]}; name them in `model.components`")
 

@@ -32,6 +32,13 @@ def image_token_id(processor) -> int:
     return token_id if token_id is not None else processor.tokenizer.convert_tokens_to_ids(image_token(processor))
 
 
+def placeholder_ids(processor) -> list[int]:
+    """Image and video placeholder ids: a model must never generate them (they would ask for pixels
+    that do not exist on the next step)."""
+    ids = {image_token_id(processor), getattr(processor, "video_token_id", None)}
+    return sorted(i for i in ids if isinstance(i, int))
+
+
 def _images_kwargs(processor) -> dict[str, Any]:
     init = processor.tokenizer.init_kwargs if hasattr(processor, "tokenizer") else {}
     return processor._merge_kwargs(tokenizer_init_kwargs=init, return_tensors="pt")["images_kwargs"]
@@ -45,6 +52,14 @@ def process(processor, images: list[Image.Image]) -> tuple[dict[str, torch.Tenso
     tensors = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in dict(processed).items()
                if k in wanted and k not in unused}
     return tensors, blocks
+
+
+def number_blocks(processor, text: str, blocks: list[str]) -> list[str]:
+    """Blocks as they stand in the text: processors that number a sample's images (MiniCPM-V 4.6's
+    `<image_id>0</image_id>`) prefix each block with its index."""
+    if hasattr(processor, "_prepend_local_ids") and getattr(processor, "default_use_image_id", False):
+        return processor._prepend_local_ids([text], blocks, image_token(processor))
+    return blocks
 
 
 def image_block(processor, size: tuple[int, int]) -> str:

@@ -8,7 +8,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from vlmtune.models.family import Family, Layout
+from vlmtune.models.family import Family, FamilyError, Layout
 
 _BUILTIN = (  # import order is match order: specific families before generic ones
     "vlmtune.models.llava",
@@ -16,6 +16,7 @@ _BUILTIN = (  # import order is match order: specific families before generic on
     "vlmtune.models.qwen_vl",
     "vlmtune.models.idefics3",
     "vlmtune.models.gemma3",
+    "vlmtune.models.minicpmv4_6",
 )
 _FAMILIES: list[Family] = []
 
@@ -42,7 +43,7 @@ def family_for(config: Any, where: str = "model") -> Family:
     for family in families():
         if family.matches(config):
             return family
-    raise ValueError(
+    raise FamilyError(
         f"{where}: model type {getattr(config, 'model_type', '?')!r} is not a family vlmtune knows "
         f"(supported: {supported()}); for another architecture name its components by module path in "
         "`model.components` (e.g. {vision: [model.vision_tower], projector: [model.multi_modal_projector], "
@@ -54,7 +55,7 @@ def family_named(name: str) -> Family:
     for family in families():
         if family.name == name:
             return family
-    raise ValueError(f"unknown model family {name!r} (supported: {supported()})")
+    raise FamilyError(f"unknown model family {name!r} (supported: {supported()})")
 
 
 def builder(name: str | None = None) -> Family:
@@ -65,7 +66,7 @@ def builder(name: str | None = None) -> Family:
     for family in able:
         if family.name == name:
             return family
-    raise ValueError(f"`model.family`: {name!r} cannot be built from parts (families that can: "
+    raise FamilyError(f"`model.family`: {name!r} cannot be built from parts (families that can: "
                      f"{', '.join(f.name for f in able)})")
 
 

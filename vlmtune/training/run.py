@@ -22,7 +22,7 @@ from vlmtune.convert.merge import Parts, assemble
 from vlmtune.convert.parts import apply_state_dict
 from vlmtune.console import console, plan_table
 from vlmtune.data.check import DataReport, check_data, encode_checked
-from vlmtune.data.dataset import Collator, ConversationDataset
+from vlmtune.data.dataset import ConversationDataset, collator_for
 from vlmtune.data.encode import SampleEncoder
 from vlmtune.data.records import DataError
 from vlmtune.models.family import LoadOptions
@@ -252,7 +252,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, out / STAGING, precision, eval_dataset is not None),
-        data_collator=Collator(loaded.processor.tokenizer.pad_token_id, token_keys=loaded.family.token_type_keys),
+        data_collator=collator_for(loaded.family, loaded.processor.tokenizer.pad_token_id),
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=loaded.processor,
