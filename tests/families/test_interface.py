@@ -143,3 +143,23 @@ def test_data_show_prints_ids_labels_and_blocks(family_model, tmp_path):
                           capture_output=True, text=True, check=True).stdout
     assert "[image 0: 4 tokens]" in text and "line 2 (id s1)" in text
     assert custom_family("x", {"llm": ["model"]}).component_of("model.layers.0") == "llm"
+
+
+def test_stage1_build_holds_the_llm_once(parts):
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+
+    from vlmtune.models.llava import build_from_parts, load_vision
+    from vlmtune.models.registry import builder
+
+    llm = AutoModelForCausalLM.from_pretrained(parts["llm"])
+    vision = load_vision(str(parts["vision"]))
+    model, _ = build_from_parts(vision, AutoImageProcessor.from_pretrained(parts["vision"]), llm,
+                                AutoTokenizer.from_pretrained(parts["llm"]))
+    # the loaded parts are moved in, not copied: no second full model in memory
+    assert model.model.language_model.embed_tokens.weight.data_ptr() == llm.get_input_embeddings().weight.data_ptr()
+    assert model.lm_head.weight.data_ptr() == llm.get_output_embeddings().weight.data_ptr()
+    assert model.model.vision_tower is vision
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    projector = model.model.multi_modal_projector.linear_1.weight
+    assert 0 < projector.std() < 0.1  # initialised like transformers initialises it (normal, std 0.02)
+    assert builder().name == "llava"

@@ -13,6 +13,7 @@ from vlmtune.checkpoints.load import load_model
 from vlmtune.checkpoints.manifest import MANIFEST, hash_problems, read_manifest
 from vlmtune.data.encode import SampleEncoder
 from vlmtune.models import images as mm
+from vlmtune.models.family import LoadOptions
 
 
 @dataclass
@@ -61,13 +62,13 @@ def forward_check(loaded) -> tuple[bool, str]:
     return finite, f"logits {tuple(logits.shape)} {'finite' if finite else 'contain NaN or inf'}"
 
 
-def verify(path: str | Path, check_hashes: bool = True) -> Verification:
+def verify(path: str | Path, check_hashes: bool = True, options: LoadOptions | None = None) -> Verification:
     path = Path(path)
     result = Verification(path)
     if check_hashes and not verify_hashes(path, result):
         return result
     try:
-        loaded = load_model(path)
+        loaded = load_model(path, options=options)
     except Exception as err:  # any load failure is the verdict, named
         result.add("load", False, f"{type(err).__name__}: {err}")
         return result

@@ -17,7 +17,8 @@ from vlmtune.config import load_config
 from vlmtune.console import console
 from vlmtune.demo import shapes
 from vlmtune.inference.generate import evaluate
-from vlmtune.models import llava, tiny
+from vlmtune.models import tiny
+from vlmtune.models.registry import builder
 from vlmtune.training.run import train
 
 VISION = {"image_size": shapes.IMAGE_SIZE, "patch_size": 8, "hidden": 96, "layers": 3}  # a small ViT
@@ -50,7 +51,7 @@ def run_demo(out: str | Path = "demo-out", train_images: int = 2000, eval_images
     tokenizer = tiny.build_tokenizer(shapes.corpus(), vocab_size=512)
     vision = tiny.save_vision_encoder(out / "parts" / "vision", **VISION, seed=seed)
     lm = tiny.save_language_model(out / "parts" / "llm", tokenizer, **LLM, seed=seed)
-    model, processor = llava.build(str(vision), str(lm))
+    model, processor = builder().build(str(vision), str(lm))  # the default family built from parts (LLaVA)
     untrained = save_model_folder(model, processor, out / "stage0", {"role": "untrained demo model"})
     before = evaluate(untrained, files["eval"], out=out / "eval_before.jsonl", max_new_tokens=8, batch_size=50)
     console.print(f"accuracy before training: {before['accuracy']:.3f}")

@@ -15,6 +15,7 @@ from vlmtune.console import console
 from vlmtune.data.check import check_data
 from vlmtune.data.dataset import ConversationDataset, collator_for
 from vlmtune.models import images as mm
+from vlmtune.models.family import LoadOptions
 from vlmtune.data.encode import SampleDropped, SampleEncoder
 from vlmtune.data.records import DataError, Problem
 
@@ -43,9 +44,10 @@ def generate_predictions(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     max_length: int = 4096,
+    options: LoadOptions | None = None,
 ) -> tuple[list[Prediction], list[Problem]]:
     """Greedy answers for every sample of `data` (prompt = everything before the last assistant turn)."""
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, options=options)
     report = check_data([str(data)], images_root)
     encoder = SampleEncoder(loaded.processor, loaded.family, max_length)
     prompts, problems = [], list(report.problems)

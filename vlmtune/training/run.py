@@ -278,7 +278,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
                            "merged_from": str(out)})
     clean_staging(out)
     plot_loss(out / LOG_FILE, out / PLOT_FILE)
-    check_run_outputs(out, cfg.output.merge and plan.uses_lora)
+    check_run_outputs(out, cfg.output.merge and plan.uses_lora, load_options(cfg))
     losses = [r["loss"] for r in read_log(out / LOG_FILE) if "loss" in r]
     kind = f"LoRA adapter on {base_path}" if plan.uses_lora else (f"delta on {base_path}" if delta else "full model")
     console.print(f"[green]saved and verified[/] {out} ({kind}); {trainer.state.global_step} steps in {seconds:.1f}s; "
@@ -287,10 +287,10 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
                        seconds, train_data.bad)
 
 
-def check_run_outputs(out: Path, merged: bool) -> None:
+def check_run_outputs(out: Path, merged: bool, options: LoadOptions | None = None) -> None:
     """`verify` on the final folder (and the merged one); each checkpoint's manifest lists files that exist."""
     for folder in [out] + ([out / MERGED_DIR] if merged else []):
-        result = verify(folder)
+        result = verify(folder, options=options)
         if not result.ok:
             failed = next(f"{step}: {detail}" for step, passed, detail in result.steps if not passed)
             raise RuntimeError(f"the saved model in {folder} failed verification ({failed})")
