@@ -1,0 +1,78 @@
+"""The `minicpmv` family: OpenBMB's 2.x folders (`vpm`, `resampler`, `llm`) loaded into vlmtune's
+implementation in `remote/` without executing the folder's code.
+
+The implementation is registered with transformers' Auto classes under `minicpmv`, so transformers
+resolves these folders to it locally (their `auto_map` is only followed with `trust_remote_code`),
+and `register_for_auto_class` makes `save_pretrained` copy its files into every folder written, with
+an `auto_map` naming them: plain transformers loads the output with `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoProcessor
+
+from vlmtune.models.family import Family, Layout, LoadOptions
+from vlmtune.models.minicpmv.remote.configuration_minicpmv import MiniCPMVConfig
+from vlmtune.models.minicpmv.remote.image_processing_minicpmv import MiniCPMVImageProcessor
+from vlmtune.models.minicpmv.remote.modeling_minicpmv import MiniCPMV
+from vlmtune.models.minicpmv.remote.processing_minicpmv import MiniCPMVProcessor
+from vlmtune.models.registry import register
+
+REMOTE_FILES = ("configuration_minicpmv.py", "modeling_minicpmv.py", "resampler_minicpmv.py",
+                "processing_minicpmv.py", "image_processing_minicpmv.py")
+
+
+def register_auto_classes() -> None:
+    """The one place vlmtune tells transformers about MiniCPM-V 2.x (idempotent)."""
+    AutoConfig.register("minicpmv", MiniCPMVConfig, exist_ok=True)
+    AutoModel.register(MiniCPMVConfig, MiniCPMV, exist_ok=True)
+    AutoModelForCausalLM.register(MiniCPMVConfig, MiniCPMV, exist_ok=True)
+    AutoImageProcessor.register(MiniCPMVConfig, slow_image_processor_class=MiniCPMVImageProcessor, exist_ok=True)
+    AutoProcessor.register(MiniCPMVConfig, MiniCPMVProcessor, exist_ok=True)
+    MiniCPMVConfig.register_for_auto_class()
+    MiniCPMV.register_for_auto_class("AutoModel")
+    MiniCPMVProcessor.register_for_auto_class()
+    MiniCPMVImageProcessor.register_for_auto_class()
+
+
+def _config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def is_minicpmv_folder(path: Path) -> bool:
+    """OpenBMB's layout (and vlmtune's output): `model_type` minicpmv, `auto_map` naming modeling_minicpmv."""
+    config = _config(path)
+    return config.get("model_type") == "minicpmv" and "modeling_minicpmv" in json.dumps(config.get("auto_map", {}))
+
+
+def load_minicpmv(path, options: LoadOptions = LoadOptions()):
+    from vlmtune.models.minicpmv.load import load_folder
+
+    return load_folder(Path(path), options)
+
+
+def describe(path: Path) -> dict:
+    config = _config(path)
+    return {"version": config.get("version"), "query_num": config.get("query_num"),
+            "slice_config": config.get("slice_config"), "llm": "qwen2" if float(config.get("version", 2.6)) >= 2.6 else "llama"}
+
+
+register_auto_classes()
+
+MINICPMV = register(Family(
+    name="minicpmv",
+    components={"vision": ("vpm",), "resampler": ("resampler",), "llm": ("llm",)},
+    matches=lambda config: getattr(config, "model_type", None) == "minicpmv",
+    model_class=MiniCPMV,
+    layouts=(Layout(name="MiniCPM-V 2.x folder (OpenBMB remote code)", detect=is_minicpmv_folder, load=load_minicpmv,
+                    describe=describe,
+                    hint="loaded into vlmtune's implementation; the folder's .py files run only with trust_remote_code"),),
+    concat_dims=(),
+    notes="MiniCPM-V 2.5 / 2.6 (remote code); the output folders carry vlmtune's transformers-5 code",
+))
