@@ -108,3 +108,67 @@ def test_original_folder_loads_without_its_code_with_independent_logits(original
                                                       for i in range(5)]], "tgt_sizes": [sizes], "image_bound": bounds}
     with torch.no_grad():
         assert torch.allclose(loaded.model(data=data).logits, ours, atol=1e-5)
+
+
+def color_data(folder):
+    records = []
+    for i, (color, size) in enumerate([("red", 16), ("blue", 40), ("green", 24), ("red", 40)] * 2):
+        make_image(folder / f"{i}.png", color, size=size)
+        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
+            {"role": "user", "content": "<image>\nWhat color?"}, {"role": "assistant", "content": color}]})
+    return write_jsonl(folder / "train.jsonl", records)
+
+
+PLAIN_LOAD = """
+import sys, json
+sys.modules["vlmtune"] = None  # vlmtune is not installed
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor, AutoTokenizer
+out, base = sys.argv[1], sys.argv[2]
+if base:
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), out)
+else:
+    model = AutoModel.from_pretrained(out, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+assert type(processor).__name__ == "MiniCPMVProcessor", type(processor)
+answer = model.eval().chat(image=Image.new("RGB", (40, 24), (255, 0, 0)), msgs=[{"role": "user", "content": "What color?"}],
+                           tokenizer=tokenizer, processor=processor, max_new_tokens=3)
+print(json.dumps({"answer": answer, "module": type(model).__module__}))
+"""
+
+RUNS = {"vision-only": dict(vision="full", resampler="frozen", llm="frozen"),  # OpenBMB: tune_vision, not tune_llm
+        "resampler-only": dict(vision="frozen", resampler="full", llm="frozen"),
+        "llm-lora": dict(vision="frozen", resampler="full", llm="lora"),  # OpenBMB: use_lora
+        "full": dict(vision="full", resampler="full", llm="full"),
+        "lora-all": dict(vision="lora", resampler="lora", llm="lora")}
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_every_mode_trains_and_the_output_loads_the_minicpmv_way(original, run, tmp_path):
+    if json.loads((original / "config.json").read_text())["version"] < 2.6 and run not in ("vision-only", "llm-lora"):
+        pytest.skip("2.5 runs the seed's two modes; the rest are the same code")
+    out = tmp_path / "out"
+    cfg = load_config(tree={"model": {"path": str(original)},
+                            "data": {"train": str(color_data(tmp_path / "data")), "max_length": 512},
+                            "tune": RUNS[run],
+                            "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "logging_steps": 1, "save_steps": 0,
+                                      "warmup_ratio": 0.0},
+                            "output": {"dir": str(out)}})
+    result = train(cfg)
+    assert result.final_loss < result.first_loss
+    manifest = json.loads((out / "vlmtune.json").read_text())
+    assert manifest["family"] == "minicpmv"
+    assert {c: v["mode"] for c, v in manifest["components"].items()} == RUNS[run]
+    adapter = (out / "adapter_config.json").is_file()
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter else ""
+    code_folder = base or out
+    assert {"configuration_minicpmv.py", "modeling_minicpmv.py", "resampler_minicpmv.py", "processing_minicpmv.py",
+            "image_processing_minicpmv.py", "preprocessor_config.json"} <= {p.name for p in code_folder.__class__(code_folder).iterdir()}
+    done = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), base], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reply = json.loads(done.stdout.strip().splitlines()[-1])
+    assert reply["module"].startswith("transformers_modules")  # the folder's (our) code, not vlmtune
+    assert isinstance(reply["answer"], str)

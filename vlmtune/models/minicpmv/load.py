@@ -25,6 +25,8 @@ def read_processor(path: Path) -> MiniCPMVProcessor:
         if not (path / name).is_file():
             raise FamilyError(f"{path} has no {name}: a MiniCPM-V folder needs it (copy it from the original model)")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    for key in ("auto_map", "tokenizer_class"):  # OpenBMB's tokenizer class: not needed, not carried
+        tokenizer.init_kwargs.pop(key, None)
     image_processor = MiniCPMVImageProcessor.from_pretrained(path)
     for attr in ("auto_map", "processor_class", "image_processor_type"):
         image_processor.__dict__.pop(attr, None)  # written afresh when saved

@@ -62,6 +62,12 @@ class MiniCPMVProcessor(ProcessorMixin):
         encoded = self.tokenizer(texts, return_tensors=return_tensors, **kwargs)
         return BatchFeature({**encoded, **data}, tensor_type=return_tensors)
 
+    def save_pretrained(self, save_directory, **kwargs):
+        """Also `preprocessor_config.json` on its own, where OpenBMB's code and transformers 4 look for it."""
+        out = super().save_pretrained(save_directory, **kwargs)
+        self.image_processor.save_pretrained(save_directory)
+        return out
+
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
 
