@@ -5,6 +5,7 @@ output folder loads with plain transformers (vlmtune blocked) and `chat` answers
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from families.minicpmv_tiny import build_original
+from vlmtune.checkpoints.load import load_model
 from vlmtune.config import load_config
 from vlmtune.convert.layouts import detect, load_any
 from vlmtune.data.encode import SampleEncoder
@@ -119,13 +121,15 @@ def color_data(folder):
     return write_jsonl(folder / "train.jsonl", records)
 
 
-PLAIN_LOAD = """
+CODE = {"configuration_minicpmv.py", "modeling_minicpmv.py", "resampler_minicpmv.py", "processing_minicpmv.py",
+        "image_processing_minicpmv.py"}
+PLAIN_LOAD = r"""
 import sys, json
 sys.modules["vlmtune"] = None  # vlmtune is not installed
 import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, AutoTokenizer
-out, base = sys.argv[1], sys.argv[2]
+out, base, logits_file = sys.argv[1], sys.argv[2], sys.argv[3]
 if base:
     from peft import PeftModel
     model = PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), out)
@@ -134,9 +138,15 @@ else:
 tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
 assert type(processor).__name__ == "MiniCPMVProcessor", type(processor)
-answer = model.eval().chat(image=Image.new("RGB", (40, 24), (255, 0, 0)), msgs=[{"role": "user", "content": "What color?"}],
+image = Image.new("RGB", (40, 24), (255, 0, 0))
+prompt = tokenizer.apply_chat_template([{"role": "user", "content": processor.image_token + "\nWhat color?"}],
+                                       tokenize=False, add_generation_prompt=True)
+with torch.no_grad():
+    torch.save(model.eval()(**processor(text=prompt, images=[image])).logits, logits_file)
+answer = model.chat(image=Image.new("RGB", (40, 24), (255, 0, 0)), msgs=[{"role": "user", "content": "What color?"}],
                            tokenizer=tokenizer, processor=processor, max_new_tokens=3)
-print(json.dumps({"answer": answer, "module": type(model).__module__}))
+inner = model.get_base_model() if base else model
+print(json.dumps({"answer": answer, "module": type(inner).__module__}))
 """
 
 RUNS = {"vision-only": dict(vision="full", resampler="frozen", llm="frozen"),  # OpenBMB: tune_vision, not tune_llm
@@ -164,11 +174,24 @@ def test_every_mode_trains_and_the_output_loads_the_minicpmv_way(original, run, 
     assert {c: v["mode"] for c, v in manifest["components"].items()} == RUNS[run]
     adapter = (out / "adapter_config.json").is_file()
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter else ""
-    code_folder = base or out
-    assert {"configuration_minicpmv.py", "modeling_minicpmv.py", "resampler_minicpmv.py", "processing_minicpmv.py",
-            "image_processing_minicpmv.py", "preprocessor_config.json"} <= {p.name for p in code_folder.__class__(code_folder).iterdir()}
-    done = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), base], capture_output=True, text=True, timeout=300)
+    model_files = {p.name for p in (Path(base) if adapter else out).iterdir()}
+    assert model_files - {"loss.png", "trainer_log.jsonl"} == CODE | {
+        "config.json", "generation_config.json", "model.safetensors", "processor_config.json", "preprocessor_config.json",
+        "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vlmtune.json"}
+    if adapter:  # the original folder cannot load in plain transformers 5: the run wrote a loadable base
+        assert Path(base) == (out / "base").resolve()
+        assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    done = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), base, str(tmp_path / "plain.pt")],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     reply = json.loads(done.stdout.strip().splitlines()[-1])
     assert reply["module"].startswith("transformers_modules")  # the folder's (our) code, not vlmtune
     assert isinstance(reply["answer"], str)
+    loaded = load_model(out)  # vlmtune's view (adapter merged) gives the plain-transformers logits
+    image = Image.new("RGB", (40, 24), (255, 0, 0))
+    tok = loaded.processor.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": loaded.processor.image_token + "\nWhat color?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    with torch.no_grad():
+        ours = loaded.model.eval()(**loaded.processor(text=prompt, images=[image])).logits
+    assert torch.allclose(torch.load(tmp_path / "plain.pt"), ours, atol=1e-4)
