@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from families.minicpmv_tiny import build_original
 from vlmtune.checkpoints.load import load_model
+from vlmtune.cli import main
 from vlmtune.config import load_config
 from vlmtune.convert.layouts import detect, load_any
 from vlmtune.data.encode import SampleEncoder
@@ -195,3 +196,23 @@ def test_every_mode_trains_and_the_output_loads_the_minicpmv_way(original, run, 
     with torch.no_grad():
         ours = loaded.model.eval()(**loaded.processor(text=prompt, images=[image])).logits
     assert torch.allclose(torch.load(tmp_path / "plain.pt"), ours, atol=1e-4)
+
+
+def test_folder_code_runs_only_when_trusted(original):
+    with pytest.raises(Exception, match="the original folder's code was executed"):
+        load_any(original, trust_remote_code=True)
+
+
+def test_convert_writes_a_folder_with_the_original_logits(original, tmp_path):
+    out = tmp_path / "converted"
+    assert main(["convert", str(original), "--out", str(out)]) == 0
+    assert CODE <= {p.name for p in out.iterdir()}
+    manifest = json.loads((out / "vlmtune.json").read_text())
+    assert manifest["family"] == "minicpmv"
+    image = Image.new("RGB", (40, 24), (30, 30, 200))
+    before, after = load_any(original), load_any(out)
+    assert after.kind == "full" and before.kind == "converted"
+    input_ids, pixels = encoded(before, image)
+    with torch.no_grad():
+        assert torch.equal(before.model.eval()(input_ids=input_ids, **pixels).logits,
+                           after.model.eval()(input_ids=input_ids, **pixels).logits)

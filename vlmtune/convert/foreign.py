@@ -20,7 +20,9 @@ from vlmtune.checkpoints.load import LoadedModel
 from vlmtune.convert.merge import Parts, assemble
 from vlmtune.convert.parts import apply_projector, projector_weights
 from vlmtune.convert.weights import ConversionError, read_state_dict
+from vlmtune.models.family import LoadOptions
 from vlmtune.models.llava import LLAVA, build_from_parts, load_vision
+from vlmtune.models.registry import layout_for, layout_names
 
 ORIGINAL_VISION_PREFIX = "model.vision_tower.vision_tower."
 
@@ -112,10 +114,14 @@ def convert(source: str | Path, vision: Path | None = None, llm: Path | None = N
         return assemble(Parts(llm=llm, vision=vision, projector=source))
     if is_original_llava(source):
         return convert_original(source, vision, allow_unused, allow_missing)
+    found = layout_for(source)  # layouts families register (e.g. OpenBMB's MiniCPM-V 2.x folders)
+    if found:
+        return found[1].load(source, LoadOptions())
     if (source / "config.json").is_file() and json.loads((source / "config.json").read_text()).get("model_type") == "llava":
         return convert_transformers(source, allow_unused, allow_missing)
     raise ConversionError(
         f"{source}: layout not recognised. convert reads: an original-LLaVA folder (config.json with mm_* keys), "
-        "a transformers LLaVA folder (either key naming), or a projector file with --vision and --llm. "
+        "a transformers LLaVA folder (either key naming), or a projector file with --vision and --llm, "
+        f"or a family layout ({layout_names()}). "
         "For XTuner folders and adapters use `vlmtune merge`."
     )
