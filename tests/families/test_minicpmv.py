@@ -172,6 +172,8 @@ def test_every_mode_trains_and_the_output_loads_the_minicpmv_way(original, run, 
     assert result.final_loss < result.first_loss
     manifest = json.loads((out / "vlmtune.json").read_text())
     assert manifest["family"] == "minicpmv"
+    assert set(json.loads(((Path(manifest["base"]["path"]) if (out / "adapter_config.json").is_file() else out)
+                           / "vlmtune.json").read_text())["code"]) == CODE
     assert {c: v["mode"] for c, v in manifest["components"].items()} == RUNS[run]
     adapter = (out / "adapter_config.json").is_file()
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter else ""
@@ -208,7 +210,7 @@ def test_convert_writes_a_folder_with_the_original_logits(original, tmp_path):
     assert main(["convert", str(original), "--out", str(out)]) == 0
     assert CODE <= {p.name for p in out.iterdir()}
     manifest = json.loads((out / "vlmtune.json").read_text())
-    assert manifest["family"] == "minicpmv"
+    assert manifest["family"] == "minicpmv" and set(manifest["code"]) == CODE
     image = Image.new("RGB", (40, 24), (30, 30, 200))
     before, after = load_any(original), load_any(out)
     assert after.kind == "full" and before.kind == "converted"

@@ -96,7 +96,8 @@ def save_model_folder(model: nn.Module, processor, out: str | Path, record: dict
     staging = staging_dir(out)
     kind = write_model_files(model, processor, staging, delta_keys)
     check_folder_loads(staging, model, delta_keys)
-    write_manifest(staging, {"kind": kind, **record})
+    code = sorted(p.name for p in staging.glob("*.py"))  # model code the folder carries (`trust_remote_code`)
+    write_manifest(staging, {"kind": kind, **record, **({"code": code} if code else {})})
     return publish(staging, out)
 
 
