@@ -218,3 +218,26 @@ def test_convert_writes_a_folder_with_the_original_logits(original, tmp_path):
     with torch.no_grad():
         assert torch.equal(before.model.eval()(input_ids=input_ids, **pixels).logits,
                            after.model.eval()(input_ids=input_ids, **pixels).logits)
+
+
+def test_chat_in_vlmtune_uses_no_folder_code(original):
+    loaded = load_any(original)  # the folder's processing .py would raise if `chat` loaded it
+    answer = loaded.model.eval().chat(image=Image.new("RGB", (16, 16), (0, 200, 0)), sampling=False, max_new_tokens=4,
+                                      msgs=[{"role": "user", "content": "What color?"}], tokenizer=loaded.processor.tokenizer)
+    assert isinstance(answer, str)
+
+
+def test_placeholder_count_mismatch_names_both_numbers(original):
+    loaded = load_any(original)
+    input_ids, pixels = encoded(loaded, Image.new("RGB", (40, 24)))
+    with pytest.raises(ValueError, match=r"has 20 image placeholder token\(s\) but the images give 4 slice\(s\) x 4 = 16"):
+        loaded.model(input_ids=input_ids, pixel_values=pixels["pixel_values"][:4], tgt_sizes=pixels["tgt_sizes"][:4])
+
+
+def test_missing_processor_files_are_named(original, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(original, tmp_path / "copy")
+    (copy / "preprocessor_config.json").unlink()
+    with pytest.raises(ValueError, match=r"copy/ has no preprocessor_config.json|has no preprocessor_config.json: a MiniCPM-V folder needs it"):
+        load_any(copy)

@@ -60,6 +60,7 @@ def load_folder(path: Path, options: LoadOptions):
             setattr(config, field, processor.tokenizer.convert_tokens_to_ids(getattr(processor.image_processor, token)))
     kwargs = {k: v for k, v in options.kwargs().items() if k != "trust_remote_code"}
     model, info = MiniCPMV.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+    model.processor = processor  # `chat` uses it, never the folder's processor code
     # OpenBMB's folder cannot load in plain transformers 5 (its code predates it): it counts as converted,
     # so a LoRA or delta run writes a loadable base (with our code) and points the adapter at it
     kind = "full" if is_ours(path) else "converted"

@@ -160,13 +160,17 @@ class MiniCPMV(MiniCPMVPreTrainedModel, GenerationMixin):
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
         return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
 
-    def chat(self, image=None, msgs=None, tokenizer=None, processor=None, max_new_tokens=64, sampling=False,
-             **kwargs):
+    def chat(self, image=None, msgs=None, tokenizer=None, processor=None, max_new_tokens=2048, sampling=True,
+             system_prompt="", stream=False, **kwargs):
         """OpenBMB's `chat`: `msgs` as [{"role", "content"}] with content a string or a list of PIL
-        images and strings; `image` is put first in the first user message."""
-        processor = processor or AutoProcessor.from_pretrained(self.config._name_or_path, trust_remote_code=True)
+        images and strings; `image` goes first in the first message. Sampling defaults are OpenBMB's."""
+        if stream:
+            raise NotImplementedError("chat(stream=True) is not supported by this implementation; use stream=False")
+        processor = processor or getattr(self, "processor", None) or AutoProcessor.from_pretrained(
+            self.config._name_or_path, trust_remote_code=True)
         tokenizer = tokenizer or processor.tokenizer
-        messages, images = [], []
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        images = []
         for i, msg in enumerate(msgs):
             content = msg["content"] if isinstance(msg["content"], list) else [msg["content"]]
             if i == 0 and image is not None:
@@ -181,8 +185,10 @@ class MiniCPMV(MiniCPMVPreTrainedModel, GenerationMixin):
             messages.append({"role": msg["role"], "content": text})
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         inputs = processor(text=prompt, images=images or None, return_tensors="pt").to(self.device)
+        options = dict(top_p=0.8, top_k=100, temperature=0.7, repetition_penalty=1.05) if sampling else {}
+        options.update(kwargs)
         out = self.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sampling,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **options)
         return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
