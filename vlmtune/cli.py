@@ -126,7 +126,8 @@ def cmd_inspect(args) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     console.print(f"[bold]{info['path']}[/]: {info.get('layout')}"
-                  + (f" — {info['architecture']}" if info.get("architecture") else ""))
+                  + (f" — {info['architecture']}" if info.get("architecture") else "")
+                  + (f" — family {info['family']}" if info.get("family") else ""))
     table = Table(title="components")
     for column in ("component", "tensors", "params", "dtypes", "tuned"):
         table.add_column(column)
