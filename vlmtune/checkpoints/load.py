@@ -91,6 +91,9 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapt
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"model path {folder} is not a folder")
+    if options.quantize and ((folder / "adapter_config.json").is_file() or (folder / DELTA_WEIGHTS).is_file()):
+        raise ModelLoadError(f"{folder} is an adapter or delta; `tune.quantize` loads a full model folder quantized: "
+                             "merge it first (vlmtune merge / vlmtune export --format hf) or drop tune.quantize")
     if (folder / "adapter_config.json").is_file():
         return _load_adapter(folder, options, merge_adapters, components)
     if (folder / DELTA_WEIGHTS).is_file():
@@ -104,7 +107,8 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapt
         raise ModelLoadError(f"{folder} has no processor_config.json or preprocessor_config.json: the image processor is missing")
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model_class = family.model_class or AutoModelForImageTextToText
-    model, info = model_class.from_pretrained(folder, output_loading_info=True, **options.kwargs())
+    model, info = model_class.from_pretrained(folder, output_loading_info=True,
+                                              **{**options.kwargs(), **family.quantization_config(options)})
     loaded = LoadedModel(model, processor, family, folder, "full", sources={c: f"{folder}" for c in family.components})
     _explain(loaded, info.get("missing_keys", []), info.get("unexpected_keys", []), info.get("mismatched_keys", []))
     return loaded

@@ -105,6 +105,21 @@ class LoraSettings(Section):
     )
 
 
+class QuantSettings(Section):
+    """QLoRA: the base weights of these components load quantized by bitsandbytes and stay frozen;
+    LoRA adapters train on top in `compute_dtype`."""
+
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (with `tune.quantize=4bit`).")
+    double_quant: bool = Field(True, description="Also quantize the quantization constants (4-bit).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the matmuls on quantized weights (`auto`: bfloat16 on a GPU that has it, else float32)."
+    )
+    components: list[str] = Field(
+        default_factory=lambda: ["llm"],
+        description="Components loaded quantized (default: the LLM; vision tower and projector stay in full precision).",
+    )
+
+
 class ComponentRates(Section):
     """Per-component learning rates; components beyond the usual three are allowed (checked against the family)."""
 
@@ -132,6 +147,10 @@ class TuneConfig(Section):
     llm: Mode = Field("full", description="Language model: `frozen`, `full` or `lora`.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     lr: ComponentRates = Field(default_factory=ComponentRates)
+    quantize: Literal["4bit", "8bit"] | None = Field(
+        None, description="QLoRA: load `tune.quant.components` quantized (bitsandbytes) under their LoRA adapters."
+    )
+    quant: QuantSettings = Field(default_factory=QuantSettings)
 
     @model_validator(mode="after")
     def _extra_modes(self) -> TuneConfig:
@@ -145,6 +164,15 @@ class TuneConfig(Section):
     def _something_trains(self) -> TuneConfig:
         if all(mode == "frozen" for mode in self.modes().values()):
             raise ValueError("every component is frozen: set at least one of `tune.vision`, `tune.projector`, `tune.llm` to `full` or `lora`")
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_are_not_full(self) -> TuneConfig:
+        if self.quantize:
+            full = [c for c in self.quant.components if self.mode(c) == "full"]
+            if full:
+                raise ValueError(f"`tune.quantize`: a quantized component cannot be fully trained ({', '.join(full)}); "
+                                 f"set {', '.join(f'tune.{c}=lora' for c in full)} (QLoRA) or drop tune.quantize")
         return self
 
     def modes(self) -> dict[str, str]:
@@ -199,3 +227,14 @@ class RunConfig(Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig
+
+    @model_validator(mode="after")
+    def _quantized_outputs(self) -> RunConfig:
+        if self.tune.quantize and self.output.merge:
+            raise ValueError("`output.merge` with `tune.quantize`: merging LoRA into quantized weights would round them "
+                             "again; merge afterwards onto the unquantized base: vlmtune merge --base BASE --llm-adapter OUT")
+        if self.tune.quantize and self.output.save == "delta":
+            raise ValueError("`output.save=delta` with `tune.quantize`: a QLoRA run saves a LoRA adapter; use output.save=full")
+        if self.tune.quantize and not self.model.path:
+            raise ValueError("`tune.quantize` needs `model.path` (a full model folder); build the VLM first (stage 1)")
+        return self

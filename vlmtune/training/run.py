@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -115,7 +115,11 @@ def load_or_build(cfg: RunConfig) -> LoadedModel:
 
 def load_options(cfg: RunConfig) -> LoadOptions:
     m = cfg.model
-    return LoadOptions(trust_remote_code=m.trust_remote_code, dtype=m.dtype, attn_implementation=m.attn_implementation)
+    q = cfg.tune.quant
+    quantize = ((4 if cfg.tune.quantize == "4bit" else 8), q.type, q.double_quant, q.compute_dtype,
+                tuple(q.components)) if cfg.tune.quantize else None
+    return LoadOptions(trust_remote_code=m.trust_remote_code, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                       quantize=quantize)
 
 
 def ensure_base_on_disk(loaded: LoadedModel, out: Path) -> Path:
@@ -278,7 +282,8 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
                            "merged_from": str(out)})
     clean_staging(out)
     plot_loss(out / LOG_FILE, out / PLOT_FILE)
-    check_run_outputs(out, cfg.output.merge and plan.uses_lora, load_options(cfg))
+    # a QLoRA adapter is checked on the unquantized base it records, as users load it
+    check_run_outputs(out, cfg.output.merge and plan.uses_lora, replace(load_options(cfg), quantize=None))
     losses = [r["loss"] for r in read_log(out / LOG_FILE) if "loss" in r]
     kind = f"LoRA adapter on {base_path}" if plan.uses_lora else (f"delta on {base_path}" if delta else "full model")
     console.print(f"[green]saved and verified[/] {out} ({kind}); {trainer.state.global_step} steps in {seconds:.1f}s; "
