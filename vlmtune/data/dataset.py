@@ -3,33 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from vlmtune.data.encode import IGNORE, EncodedSample, Prompt
+from vlmtune.data.images import load_image
 from vlmtune.models.registry import Family
 
 TEXT_KEYS = ("input_ids", "labels", "attention_mask")
 
 
-def load_image(path: Path, label: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as err:
-        raise OSError(f"{label}: cannot load image {path}: {err}") from err
-
-
 class ConversationDataset(Dataset):
     """Training items: `input_ids`, `labels` and the family's image inputs (e.g. `pixel_values`)."""
 
-    def __init__(self, items: list[EncodedSample] | list[Prompt], processor, family: Family):
+    def __init__(self, items: list[EncodedSample] | list[Prompt], processor, family: Family,
+                 max_image_pixels: int | None = None):
         self.items = items
         self.processor = processor
         self.family = family
+        self.max_image_pixels = max_image_pixels  # larger images are downscaled to this when they load
 
     def __len__(self) -> int:
         return len(self.items)
@@ -40,7 +33,7 @@ class ConversationDataset(Dataset):
         if isinstance(item, EncodedSample):
             out["labels"] = torch.tensor(item.labels)
         if item.images:
-            images = [load_image(path, item.sample.label()) for path in item.images]
+            images = [load_image(path, item.sample.label(), self.max_image_pixels) for path in item.images]
             out.update(self.family.image_inputs(self.processor, images))
         return out
 
