@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from vlmtune.config.load import ConfigError
 from vlmtune.config.schema import COMPONENTS, TuneConfig
 from vlmtune.models.registry import Family
 
@@ -72,6 +73,7 @@ class TuningPlan:
             if not names:
                 raise ValueError(f"tune.{component}=lora, but the {component} has no linear layers to adapt")
             prefixes = "|".join(re.escape(p) for p in self.family.components[component])
+            self._check_targets(model, component, prefixes, settings.targets.get(component, []))
             alternatives.append(rf"(?:{prefixes})\.(?:.*\.)?(?:{'|'.join(map(re.escape, names))})")
         full = [p for c in COMPONENTS if self.mode(c) == "full" for p in self.family.components[c]]
         return LoraConfig(
@@ -81,6 +83,14 @@ class TuningPlan:
             target_modules="|".join(alternatives),
             modules_to_save=full or None,
         )
+
+    def _check_targets(self, model: nn.Module, component: str, prefixes: str, names: list[str]) -> None:
+        """Each named target must match a layer: PEFT says nothing about a typo next to a valid name."""
+        modules = [name for name, _ in model.named_modules()]
+        unknown = [n for n in names if not any(re.fullmatch(rf"(?:{prefixes})\.(?:.*\.)?{re.escape(n)}", m) for m in modules)]
+        if unknown:
+            raise ConfigError(f"`tune.lora.targets.{component}`: {', '.join(unknown)} match(es) no layer of the {component}; "
+                              f"its linear layers are named: {', '.join(self._linear_names(model, component))}")
 
     def _linear_names(self, model: nn.Module, component: str) -> list[str]:
         """Distinct names of the component's linear layers (the output head excluded)."""
