@@ -3,7 +3,7 @@
 import json
 
 import yaml
-from conftest import color_records, make_image, write_jsonl
+from conftest import color_records, make_image, truncated_jpeg, write_jsonl
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlmtune.cli import main
@@ -171,3 +171,28 @@ def test_error_text_is_not_eaten_as_markup(tmp_path, capsys, monkeypatch):
     cfg = write_config(tmp_path / "run.yaml", model={"path": "m"}, data={"train": "t.jsonl"}, output={"dir": "o"})
     assert main(["train", cfg, "train.tensorboard=true"]) == 2
     assert "pip install 'vlmtune[tensorboard]'" in capsys.readouterr().out
+
+
+def test_skip_bad_lists_every_skipped_sample_and_broken_images_never_reach_training(tiny_vlm, tmp_path, capsys):
+    records = color_records(tmp_path, n=16)
+    truncated_jpeg(tmp_path / "images" / "cut.jpg")
+    for record in records[:12]:
+        record["image"] = "images/cut.jpg"
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    cfg = write_config(tmp_path / "run.yaml", model={"path": str(tiny_vlm)}, data={"train": str(data)},
+                       train={"max_steps": 2, "batch_size": 2, "save_steps": 0}, output={"dir": str(tmp_path / "out")})
+    assert main(["train", cfg]) == 1
+    assert "image file is truncated" in capsys.readouterr().out and not (tmp_path / "out").exists()
+    assert main(["train", cfg, "data.skip_bad=true"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped 12 bad sample(s) (data.skip_bad=true; every one is listed in {tmp_path / 'out' / 'skipped_samples.jsonl'})" in out
+    listed = [json.loads(line) for line in (tmp_path / "out" / "skipped_samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in listed] == [f"s{i}" for i in range(12)] and {r["split"] for r in listed} == {"train"}
+    assert listed[0]["where"] == "d.jsonl line 1" and "image file is truncated" in listed[0]["problem"]
+    manifest = json.loads((tmp_path / "out" / "vlmtune.json").read_text())
+    assert manifest["data"]["skipped"] == 12 and manifest["data"]["skipped_list"] == "skipped_samples.jsonl"
+
+    results = tmp_path / "results.jsonl"
+    assert main(["eval", str(tiny_vlm), "--data", str(data), "--out", str(results), "--max-new-tokens", "2"]) == 0
+    assert "/4; 12 skipped); per-sample results:" in capsys.readouterr().out
+    assert len(results.read_text().splitlines()) == 4

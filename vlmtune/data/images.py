@@ -26,7 +26,7 @@ def image_problem(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, downscale: b
         if not path.is_file():
             return f"image {path} does not exist"
     except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte in the name
-        return f"image path {str(path)[:80]}... cannot be used: {err}"
+        return f"image path {str(path)[:80]}... cannot be used: {getattr(err, 'strerror', None) or err}"
     try:
         with _open(path) as image:
             width, height = image.size
