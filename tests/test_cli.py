@@ -194,5 +194,7 @@ def test_skip_bad_lists_every_skipped_sample_and_broken_images_never_reach_train
 
     results = tmp_path / "results.jsonl"
     assert main(["eval", str(tiny_vlm), "--data", str(data), "--out", str(results), "--max-new-tokens", "2"]) == 0
-    assert "/4; 12 skipped); per-sample results:" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "/4; 12 skipped); per-sample results:" in printed.out
+    assert "generating: 100%" in printed.err and "4/4" in printed.err  # progress, on stderr
     assert len(results.read_text().splitlines()) == 4
