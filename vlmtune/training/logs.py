@@ -58,6 +58,12 @@ class StepLines(ProgressCallback):
             if "loss" in logs or "eval_loss" in logs:
                 self.training_bar.write(step_line(state.global_step, state.max_steps, logs))
 
+    def close(self) -> None:
+        """End the bar's line, so that what is printed next (e.g. after Ctrl-C) starts on its own line."""
+        if self.training_bar is not None:
+            self.training_bar.close()
+            self.training_bar = None
+
 
 def read_log(path: Path) -> list[dict]:
     path = Path(path)

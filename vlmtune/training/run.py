@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -225,6 +226,8 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     encoder = SampleEncoder(loaded.processor, loaded.family, cfg.data.max_length, cfg.data.loss_on)
     train_data = prepare_data(reports["train"], cfg, encoder, "train")
     eval_data = prepare_data(reports["eval"], cfg, encoder, "eval") if "eval" in reports else None
+    if checkpoint is not None:
+        refuse_finished_run(checkpoint, out, planned_steps(cfg, len(train_data.encoded)))
 
     out.mkdir(parents=True, exist_ok=True)
     clean_staging(out)
@@ -250,11 +253,6 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
         return {**record, "components": components_record(plan, model, files),
                 "state": {"step": state.global_step, "epoch": state.epoch, "last_loss": losses[-1] if losses else None}}
 
-    if checkpoint is not None:
-        truncate_log(out / LOG_FILE, after_step=read_manifest(checkpoint)["state"]["step"])
-        if not plan.uses_lora:  # adapters resume correctly through the Trainer; full weights need this
-            restore_full_weights(model, checkpoint, loaded.family)
-        console.print(f"resuming from {checkpoint}")
     optimizer = torch.optim.AdamW(plan.param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     max_pixels = cfg.data.max_image_pixels if cfg.data.downscale_large_images else None
     dataset = ConversationDataset(train_data.encoded, loaded.processor, loaded.family, max_pixels)
@@ -272,7 +270,10 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(StepLines)
     if checkpoint is not None:
-        refuse_finished_run(trainer, checkpoint, out)
+        truncate_log(out / LOG_FILE, after_step=read_manifest(checkpoint)["state"]["step"])
+        if not plan.uses_lora:  # adapters resume correctly through the Trainer; full weights need this
+            restore_full_weights(model, checkpoint, loaded.family)
+        console.print(f"resuming from {checkpoint}")
     started = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -282,6 +283,9 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
                 "eval_loss" in h and h.get("step") == final_step for h in trainer.state.log_history):
             trainer.evaluate()
     except KeyboardInterrupt:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, StepLines):
+                callback.close()
         clean_staging(out)
         plot_loss(out / LOG_FILE, out / PLOT_FILE)
         raise TrainingInterrupted(trainer.state.global_step, trainer.state.max_steps, latest_checkpoint(out)) from None
@@ -312,9 +316,16 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
                        seconds, train_data.bad)
 
 
-def refuse_finished_run(trainer: Trainer, checkpoint: Path, out: Path) -> None:
+def planned_steps(cfg: RunConfig, samples: int) -> int:
+    """Optimizer steps the run takes, counted as the Trainer counts them on one device."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_epoch = max(math.ceil(math.ceil(samples / cfg.train.batch_size) / cfg.train.grad_accum), 1)
+    return math.ceil(cfg.train.epochs * per_epoch)
+
+
+def refuse_finished_run(checkpoint: Path, out: Path, planned: int) -> None:
     """Resuming a run that already reached its last step would train nothing, yet save and prune again."""
-    planned = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
     done = max(read_manifest(folder)["state"]["step"] for folder in (checkpoint, out)
                if (read_manifest(folder) or {}).get("state"))
     if done >= planned:
