@@ -327,3 +327,17 @@ def test_merge_applies_modules_to_save_of_vlmtunes_own_lora_output(tiny_vlm, col
     assert main(["merge", "--base", str(tiny_vlm), "--llm-adapter", str(broken), "--out", str(tmp_path / "x")]) == 2
     layer = key.removeprefix("base_model.model.").replace("q_proj", "qq_proj").rpartition(".lora_")[0]
     assert f"targets layer {layer}, which the base does not have as a linear layer" in capsys.readouterr().out
+
+
+def test_out_of_the_wrong_kind_is_refused_before_loading(tiny_vlm, tmp_path, capsys):
+    existing = tmp_path / "model.pth"
+    existing.write_text("keep me")
+    for argv in (["export", str(tiny_vlm), "--format", "hf", "--out", str(existing)],
+                 ["merge", "--base", str(tiny_vlm), "--out", str(existing)],
+                 ["convert", str(tiny_vlm), "--out", str(existing)]):
+        assert main(argv) == 2
+        assert f"--out {existing} is an existing file, and this writes a model folder; choose a new folder path" \
+            in capsys.readouterr().out
+    assert main(["export", str(tiny_vlm), "--format", "pth", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder, and this format writes one file; give a file path" in capsys.readouterr().out
+    assert existing.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
