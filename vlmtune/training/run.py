@@ -37,15 +37,7 @@ from vlmtune.training.checkpointing import (
     restore_full_weights,
     resume_point,
 )
-from vlmtune.training.logs import (
-    LOG_FILE,
-    PLOT_FILE,
-    JsonlLogger,
-    StepLines,
-    plot_loss,
-    read_log,
-    truncate_log,
-)
+from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, StepLines, plot_loss, read_log, truncate_log
 from vlmtune.tuning.plan import TuningPlan
 
 BASE_DIR = "base"  # where a LoRA or delta run keeps a base model that exists nowhere else on disk
@@ -242,7 +234,8 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     record = {"family": loaded.family.name, "base": base_record(loaded, base_path), "plan": plan.describe(),
               "data": {"train": cfg.data.train, "eval": cfg.data.eval, "fingerprint": data_fingerprint(cfg.data.train),
                        "train_samples": len(train_data.encoded), "skipped": train_data.bad,
-                       "truncated": train_data.truncated, "skipped_list": SKIPPED_FILE if train_data.problems else None},
+                       "truncated": train_data.truncated,
+                       "skipped_list": SKIPPED_FILE if any(r.problems for r in reports.values()) else None},
               "config": cfg.model_dump()}
 
     weights = "adapter_model.safetensors" if plan.uses_lora else "model.safetensors"
@@ -253,6 +246,11 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
         return {**record, "components": components_record(plan, model, files),
                 "state": {"step": state.global_step, "epoch": state.epoch, "last_loss": losses[-1] if losses else None}}
 
+    if checkpoint is not None:
+        truncate_log(out / LOG_FILE, after_step=read_manifest(checkpoint)["state"]["step"])
+        if not plan.uses_lora:  # adapters resume correctly through the Trainer; full weights need this
+            restore_full_weights(model, checkpoint, loaded.family)
+        console.print(f"resuming from {checkpoint}")
     optimizer = torch.optim.AdamW(plan.param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     max_pixels = cfg.data.max_image_pixels if cfg.data.downscale_large_images else None
     dataset = ConversationDataset(train_data.encoded, loaded.processor, loaded.family, max_pixels)
@@ -269,11 +267,6 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(StepLines)
-    if checkpoint is not None:
-        truncate_log(out / LOG_FILE, after_step=read_manifest(checkpoint)["state"]["step"])
-        if not plan.uses_lora:  # adapters resume correctly through the Trainer; full weights need this
-            restore_full_weights(model, checkpoint, loaded.family)
-        console.print(f"resuming from {checkpoint}")
     started = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
