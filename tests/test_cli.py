@@ -198,3 +198,18 @@ def test_skip_bad_lists_every_skipped_sample_and_broken_images_never_reach_train
     assert "/4; 12 skipped); per-sample results:" in printed.out
     assert "generating: 100%" in printed.err and "4/4" in printed.err  # progress, on stderr
     assert len(results.read_text().splitlines()) == 4
+
+
+def test_pixel_limit_refuses_or_downscales_in_a_run(tiny_vlm, tmp_path, capsys):
+    records = color_records(tmp_path, n=4)
+    make_image(tmp_path / "images" / "big.png", "blue", size=40)
+    records[0]["image"] = "images/big.png"
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    cfg = write_config(tmp_path / "run.yaml", model={"path": str(tiny_vlm)}, data={"train": str(data), "max_image_pixels": 400},
+                       train={"max_steps": 1, "batch_size": 4, "save_steps": 0}, output={"dir": str(tmp_path / "out")})
+    assert main(["train", cfg]) == 1
+    assert "d.jsonl line 1 (id s0): image" in capsys.readouterr().out
+    assert main(["train", cfg, "data.downscale_large_images=true"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "[train] samples with images over data.max_image_pixels, downscaled as they load: 1" in out
+    assert "(40x40) is downscaled to data.max_image_pixels=400 as it loads" in out

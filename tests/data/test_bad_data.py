@@ -47,6 +47,14 @@ def test_images_over_the_pixel_limit_are_refused_or_downscaled(tmp_path):
         f"image {tmp_path / 'a.png'} is 40x40 = 1600 pixels, more than data.max_image_pixels=400; "
         "downscale it, raise the limit or set data.downscale_large_images=true")
     assert image_problem(tmp_path / "a.png", max_pixels=400, downscale=True) is None
+    make_image(tmp_path / "b.png", size=24)
+    report = check_data([str(write_jsonl(tmp_path / "e.jsonl", [sample(0, "a.png"), sample(1, "b.png")]))],
+                        max_pixels=400, downscale=True)
+    assert [s.id for s in report.samples] == ["s0", "s1"] and report.problems == []
+    assert report.summary()[3:] == [
+        "samples with images over data.max_image_pixels, downscaled as they load: 2",
+        f"  - e.jsonl line 1 (id s0): image {tmp_path / 'a.png'} (40x40) is downscaled to data.max_image_pixels=400 as it loads",
+        f"  - e.jsonl line 2 (id s1): image {tmp_path / 'b.png'} (24x24) is downscaled to data.max_image_pixels=400 as it loads"]
     assert load_image(tmp_path / "a.png", "test", max_pixels=400).size == (20, 20)
     assert load_image(tmp_path / "a.png", "test").size == (40, 40)
 

@@ -21,6 +21,7 @@ class DataReport:
     samples: list[Sample] = field(default_factory=list)  # passed every check
     encoded: list[EncodedSample] = field(default_factory=list)  # when checked against a model
     problems: list[Problem] = field(default_factory=list)
+    downscaled: list[Problem] = field(default_factory=list)  # usable samples with images over the pixel limit
 
     @property
     def bad(self) -> int:
@@ -39,6 +40,9 @@ class DataReport:
             f"samples with images: {with_images}; text-only: {len(self.samples) - with_images}; "
             f"images: {sum(len(s.images) for s in self.samples)}",
         ]
+        if self.downscaled:
+            lines.append(f"samples with images over data.max_image_pixels, downscaled as they load: {len(self.downscaled)}")
+            lines += [f"  - {note}" for note in self.downscaled[:10]]
         if self.encoded:
             lengths = sorted(e.full_length for e in self.encoded)
             p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
@@ -69,6 +73,8 @@ def check_data(files: list[str], images_root: str | None = None, max_pixels: int
                 report.problems += found
             else:
                 report.samples.append(sample)
+                report.downscaled += [Problem(sample.where, sample.id, note)
+                                      for note in filter(None, map(images.note, sample.images))]
         if report.records == before:
             report.problems.append(Problem(str(path), None, "the file holds no records"))
     return report
