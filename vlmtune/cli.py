@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -38,16 +39,14 @@ def _keys_help() -> str:
 
 def cmd_train(args) -> int:
     from vlmtune.config import load_config
-    from vlmtune.training.run import train
-
     from vlmtune.console import console
-    from vlmtune.training.run import TrainingInterrupted
+    from vlmtune.training.run import TrainingInterrupted, train
 
     cfg = load_config(args.config, args.overrides)
     try:
         train(cfg, resume=args.resume_from or (True if args.resume else None))
     except TrainingInterrupted as stop:
-        command = " ".join(["vlmtune", "train", args.config, *args.overrides, "--resume"])
+        command = shlex.join(["vlmtune", "train", args.config, *args.overrides, "--resume"])
         console.print(f"[yellow]interrupted[/] at step {stop.step} of {stop.max_steps}; loss curve: "
                       f"{Path(cfg.output.dir) / 'loss.png'}")
         if stop.checkpoint is None:
