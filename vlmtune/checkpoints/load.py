@@ -22,6 +22,12 @@ class ModelLoadError(ValueError):
     """A model folder that cannot be loaded; the message names the folder and what to do."""
 
 
+FOLDERS_THAT_WORK = ("A model path takes a vision-language model folder (vlmtune or transformers), a vlmtune LoRA "
+                     "adapter or delta folder, an XTuner pth_to_hf folder or an original LLaVA folder.")
+PLAIN_LLM = (" This folder holds a language model without a vision encoder: to build a new VLM from it, give it as "
+             "`model.llm` together with a vision encoder folder as `model.vision` (stage 1).")
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -101,7 +107,10 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapt
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not a model folder: it has neither config.json nor adapter_config.json")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    family = resolve_family(folder, config, components, recorded)
+    try:
+        family = resolve_family(folder, config, components, recorded)
+    except ValueError as err:
+        raise ModelLoadError(f"{err}. {FOLDERS_THAT_WORK}" + (PLAIN_LLM if not hasattr(config, "vision_config") else "")) from None
     family.check_requirements()
     if not has_processor(folder):
         raise ModelLoadError(f"{folder} has no processor_config.json or preprocessor_config.json: the image processor is missing")

@@ -6,6 +6,7 @@ Key names are a public contract (scripts and other tools write them); add keys, 
 from __future__ import annotations
 
 import difflib
+import typing
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,9 +25,19 @@ def refuse_near_typos(extra: dict | None, known: tuple[str, ...], section: str) 
 
 
 class Section(BaseModel):
-    """Base for every section: unknown keys are errors, assignments are validated."""
+    """Base for every section: unknown keys are errors, assignments are validated, and numbers must be
+    finite numbers (an infinite learning rate trains a NaN model; `true` is not a learning rate)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value, info):
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = set(typing.get_args(annotation) or (annotation,))
+        if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
+            raise ValueError("expected a number, got a boolean")
+        return value
 
 
 class ModelConfig(Section):
@@ -74,7 +85,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: list[str] = Field(..., description="Training data files (JSON or JSON Lines); a string or a list.")
+    train: list[str] = Field(..., min_length=1, description="Training data files (JSON or JSON Lines); a string or a list.")
     eval: list[str] = Field(default_factory=list, description="Evaluation data files, evaluated at each save.")
     images_root: str | None = Field(None, description="Folder image paths are relative to (default: each data file's folder).")
     max_length: int = Field(2048, gt=0, description="Maximum tokens per sample, image tokens included.")
@@ -86,7 +97,14 @@ class DataConfig(Section):
         "llama_2, mistral_instruct) or a .jinja file; default: the model's own."
     )
     skip_bad: bool = Field(False, description="Skip samples that fail the data check (counted) instead of refusing the run.")
-    num_workers: int = Field(0, ge=0, description="Data-loader worker processes (images load lazily in them).")
+    num_workers: int = Field(0, ge=0, le=64, description="Data-loader worker processes (images load lazily in them).")
+    max_image_pixels: int = Field(
+        4096 * 4096, gt=0, description="Images with more pixels (width x height) are bad samples (see `data.skip_bad`), "
+        "or downscaled to fit when `data.downscale_large_images` is true."
+    )
+    downscale_large_images: bool = Field(
+        False, description="Downscale images larger than `data.max_image_pixels` when they load instead of refusing them."
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -195,7 +213,7 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
-    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout (0 to 2**32-1).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="`auto` = bf16 on a GPU that supports it, else fp32. fp16 needs a CUDA GPU."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging as hf_logging
 
 from vlmtune.checkpoints.load import LoadedModel
@@ -17,11 +19,12 @@ from vlmtune.checkpoints.manifest import data_fingerprint, model_fingerprint, re
 from vlmtune.checkpoints.save import DELTA_WEIGHTS, STAGING, save_model_folder
 from vlmtune.checkpoints.verify import verify
 from vlmtune.config import ConfigError, RunConfig
+from vlmtune.config.paths import check_paths
 from vlmtune.convert.layouts import load_any
 from vlmtune.convert.merge import Parts, assemble
 from vlmtune.convert.parts import apply_state_dict
 from vlmtune.console import console, plan_table
-from vlmtune.data.check import DataReport, check_data, encode_checked
+from vlmtune.data.check import SKIPPED_FILE, DataReport, check_data, encode_checked, write_problems
 from vlmtune.data.dataset import ConversationDataset, collator_for
 from vlmtune.data.encode import SampleEncoder
 from vlmtune.data.records import DataError
@@ -31,10 +34,11 @@ from vlmtune.training.checkpointing import (
     CompleteCheckpoints,
     clean_staging,
     complete_checkpoints,
+    latest_checkpoint,
     restore_full_weights,
     resume_point,
 )
-from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, plot_loss, read_log, truncate_log
+from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, StepLines, plot_loss, read_log, truncate_log
 from vlmtune.tuning.plan import TuningPlan
 
 BASE_DIR = "base"  # where a LoRA or delta run keeps a base model that exists nowhere else on disk
@@ -49,6 +53,14 @@ class TrainResult:
     first_loss: float | None
     train_seconds: float
     dropped: int
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after clean-up (no `.partial/`, `loss.png` written): where the run stopped."""
+
+    def __init__(self, step: int, max_steps: int, checkpoint: Path | None):
+        super().__init__(step)
+        self.step, self.max_steps, self.checkpoint = step, max_steps, checkpoint
 
 
 def resolve_precision(precision: str) -> str:
@@ -83,7 +95,8 @@ def prepare_data(report: DataReport, cfg: RunConfig, encoder: SampleEncoder, rol
     for line in report.summary():
         console.print(f"\\[{role}] {line}")
     if report.problems:
-        console.print(f"\\[{role}] [yellow]skipped {report.bad} bad sample(s) (data.skip_bad=true):[/]")
+        console.print(f"\\[{role}] [yellow]skipped {report.bad} bad sample(s) (data.skip_bad=true; every one is "
+                      f"listed in {Path(cfg.output.dir) / SKIPPED_FILE}):[/]")
         for problem in report.problems[:10]:
             console.print(f"  - {problem}")
     if not report.encoded:
@@ -191,6 +204,12 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     out = Path(cfg.output.dir)
+    precision = resolve_precision(cfg.train.precision)
+    if cfg.train.tensorboard:
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("`train.tensorboard`: the tensorboard package is not installed; pip install 'vlmtune[tensorboard]'")
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs")  # not under the checkpoint staging folder
+    check_paths(cfg)
     resume = resume if resume is not None else cfg.train.resume
     try:
         checkpoint = resume_point(out, resume)
@@ -198,13 +217,8 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
         raise ConfigError(str(err)) from None
     if checkpoint is None:
         check_output_dir(out, cfg.output.overwrite)
-    precision = resolve_precision(cfg.train.precision)
-    if cfg.train.tensorboard:
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("`train.tensorboard`: the tensorboard package is not installed; pip install 'vlmtune[tensorboard]'")
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs")  # not under the checkpoint staging folder
     # the checks that need no model come first: broken data fails fast, before any weights load
-    reports = {role: check_data(files, cfg.data.images_root)
+    reports = {role: check_data(files, cfg.data.images_root, cfg.data.max_image_pixels, cfg.data.downscale_large_images)
                for role, files in (("train", cfg.data.train), ("eval", cfg.data.eval)) if files}
     for role, report in reports.items():
         refuse_bad_data(report, cfg, role)
@@ -213,14 +227,20 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     loaded = load_or_build(cfg)
     for line in loaded.report():
         console.print(line)
-    encoder = SampleEncoder(loaded.processor, loaded.family, cfg.data.max_length, cfg.data.loss_on, cfg.data.chat_template)
+    max_pixels = cfg.data.max_image_pixels if cfg.data.downscale_large_images else None
+    encoder = SampleEncoder(loaded.processor, loaded.family, cfg.data.max_length, cfg.data.loss_on, cfg.data.chat_template,
+                            max_pixels)
     if encoder.renderer.template is not None:  # the template trained with is the one saved and served
         loaded.processor.chat_template = encoder.renderer.template
     train_data = prepare_data(reports["train"], cfg, encoder, "train")
     eval_data = prepare_data(reports["eval"], cfg, encoder, "eval") if "eval" in reports else None
+    if checkpoint is not None:
+        refuse_finished_run(checkpoint, out, planned_steps(cfg, len(train_data.encoded)))
 
     out.mkdir(parents=True, exist_ok=True)
     clean_staging(out)
+    if any(report.problems for report in reports.values()):
+        write_problems(out / SKIPPED_FILE, {role: report.problems for role, report in reports.items()})
     plan = TuningPlan(cfg.tune, loaded.family, cfg.train.lr)
     delta = cfg.output.save == "delta" and not plan.uses_lora
     base_path = ensure_base_on_disk(loaded, out) if plan.uses_lora or delta else None
@@ -234,7 +254,8 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
               "base": base_record(loaded, base_path), "plan": plan.describe(),
               "data": {"train": cfg.data.train, "eval": cfg.data.eval, "fingerprint": data_fingerprint(cfg.data.train),
                        "train_samples": len(train_data.encoded), "skipped": train_data.bad,
-                       "truncated": train_data.truncated},
+                       "truncated": train_data.truncated,
+                       "skipped_list": SKIPPED_FILE if any(r.problems for r in reports.values()) else None},
               "config": cfg.model_dump()}
 
     weights = "adapter_model.safetensors" if plan.uses_lora else "model.safetensors"
@@ -251,8 +272,8 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
             restore_full_weights(model, checkpoint, loaded.family)
         console.print(f"resuming from {checkpoint}")
     optimizer = torch.optim.AdamW(plan.param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    dataset = ConversationDataset(train_data.encoded, loaded.processor, loaded.family)
-    eval_dataset = ConversationDataset(eval_data.encoded, loaded.processor, loaded.family) if eval_data else None
+    dataset = ConversationDataset(train_data.encoded, loaded.processor, loaded.family, max_pixels)
+    eval_dataset = ConversationDataset(eval_data.encoded, loaded.processor, loaded.family, max_pixels) if eval_data else None
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, out / STAGING, precision, eval_dataset is not None),
@@ -263,11 +284,23 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
         callbacks=[JsonlLogger(out / LOG_FILE), CompleteCheckpoints(out, checkpoint_record, cfg.train.save_total_limit)],
         optimizers=(optimizer, None),
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(StepLines)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.perf_counter() - started
-    if eval_dataset is not None:
-        trainer.evaluate()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        seconds = time.perf_counter() - started
+        final_step = trainer.state.global_step
+        if eval_dataset is not None and not any(  # the last eval step already evaluated the final weights
+                "eval_loss" in h and h.get("step") == final_step for h in trainer.state.log_history):
+            trainer.evaluate()
+    except KeyboardInterrupt:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, StepLines):
+                callback.close()
+        clean_staging(out)
+        plot_loss(out / LOG_FILE, out / PLOT_FILE)
+        raise TrainingInterrupted(trainer.state.global_step, trainer.state.max_steps, latest_checkpoint(out)) from None
 
     final = checkpoint_record(trainer.state)
     delta_keys = None
@@ -286,10 +319,34 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     check_run_outputs(out, cfg.output.merge and plan.uses_lora, replace(load_options(cfg), quantize=None))
     losses = [r["loss"] for r in read_log(out / LOG_FILE) if "loss" in r]
     kind = f"LoRA adapter on {base_path}" if plan.uses_lora else (f"delta on {base_path}" if delta else "full model")
-    console.print(f"[green]saved and verified[/] {out} ({kind}); {trainer.state.global_step} steps in {seconds:.1f}s; "
-                  f"loss {losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}")
+    if losses:
+        loss = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+    else:  # fewer steps than train.logging_steps: only the Trainer's mean is known
+        loss = (f"mean loss {output.training_loss:.4f} (no step was logged: train.logging_steps="
+                f"{cfg.train.logging_steps} is more than the steps run)")
+    console.print(f"[green]saved and verified[/] {out} ({kind}); {trainer.state.global_step} steps in {seconds:.1f}s; {loss}")
     return TrainResult(out, trainer.state.global_step, losses[-1] if losses else None, losses[0] if losses else None,
                        seconds, train_data.bad)
+
+
+def planned_steps(cfg: RunConfig, samples: int) -> int:
+    """Optimizer steps the run takes, counted as the Trainer counts them on one device."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_epoch = max(math.ceil(math.ceil(samples / cfg.train.batch_size) / cfg.train.grad_accum), 1)
+    return math.ceil(cfg.train.epochs * per_epoch)
+
+
+def refuse_finished_run(checkpoint: Path, out: Path, planned: int) -> None:
+    """Resuming a run that already reached its last step would train nothing, yet save and prune again."""
+    done = max(read_manifest(folder)["state"]["step"] for folder in (checkpoint, out)
+               if (read_manifest(folder) or {}).get("state"))
+    if done >= planned:
+        raise ConfigError(
+            f"--resume: the run in {out} already finished ({done} of {planned} steps); nothing was changed. To train "
+            f"further, raise train.max_steps (or train.epochs) and resume; to fine-tune its result, start a new run "
+            f"with model.path={out}"
+        )
 
 
 def check_run_outputs(out: Path, merged: bool, options: LoadOptions | None = None) -> None:
