@@ -29,7 +29,7 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     resume = True if args.resume == "auto" else args.resume
-    train(cfg, resume=resume)
+    train(cfg, resume=resume, force_resume=args.force_resume)
     return 0
 
 
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. tune.llm=lora train.lr=2e-5")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue the run in output.dir from its newest checkpoint (or from the given checkpoint)")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume even if the checkpoint's config, data or base model differ from this run's")
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
@@ -283,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from vlmtune.checkpoints.load import ModelLoadError
+    from vlmtune.checkpoints.manifest import ManifestError
+    from vlmtune.checkpoints.save import DiskFullError
     from vlmtune.config import ConfigError
     from vlmtune.console import console
     from vlmtune.convert.weights import ConversionError
@@ -292,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, ConversionError, FileNotFoundError) as err:
+    except (ConfigError, ModelLoadError, ConversionError, FileNotFoundError, ManifestError, DiskFullError) as err:
         console.print(f"[red]error:[/] {err}")
         return EXIT_USAGE
     except DataError as err:

@@ -13,8 +13,16 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
 from vlmtune.checkpoints.load import LoadedModel
-from vlmtune.checkpoints.manifest import data_fingerprint, model_fingerprint, read_manifest
-from vlmtune.checkpoints.save import DELTA_WEIGHTS, STAGING, save_model_folder
+from vlmtune.checkpoints.manifest import MANIFEST, ManifestError, data_fingerprint, model_fingerprint, read_manifest
+from vlmtune.checkpoints.save import (
+    DELTA_WEIGHTS,
+    STAGING,
+    disk_full_error,
+    is_disk_full,
+    model_bytes,
+    remove_tree,
+    save_model_folder,
+)
 from vlmtune.checkpoints.verify import verify
 from vlmtune.config import COMPONENTS, ConfigError, RunConfig
 from vlmtune.convert.layouts import load_any
@@ -27,11 +35,14 @@ from vlmtune.data.encode import SampleEncoder
 from vlmtune.data.records import DataError
 from vlmtune.models.registry import family_named
 from vlmtune.training.checkpointing import (
+    LOCK,
     CompleteCheckpoints,
     clean_staging,
     complete_checkpoints,
+    hold_output_dir,
     restore_full_weights,
     resume_point,
+    run_differences,
 )
 from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, plot_loss, read_log, truncate_log
 from vlmtune.tuning.plan import TuningPlan
@@ -60,11 +71,52 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"`output.dir`: {out} already exists and is not empty; choose a new folder or set output.overwrite=true"
-        )
+RUN_ENTRIES = {LOG_FILE, PLOT_FILE, "runs", BASE_DIR, MERGED_DIR, STAGING, MANIFEST}
+MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "*.bin", "*.model", "*.txt", "*.tiktoken")
+
+
+def check_output_dir(out: Path, cfg: RunConfig) -> list[Path]:
+    """What `output.overwrite` will remove before training: an earlier run's files. Refuses a non-empty
+    folder without it (naming the command that continues the earlier run), anything that is not an
+    earlier run's file, and a folder that holds the run's own model or data."""
+    entries = sorted(p for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+    if not entries:
+        return []
+    checkpoints = [p.name for p in complete_checkpoints(out)]
+    if not cfg.output.overwrite:
+        if checkpoints:
+            raise ConfigError(f"`output.dir`: {out} holds an earlier run (newest {checkpoints[-1]}); continue it with "
+                              "`vlmtune train CONFIG --resume`, or set output.overwrite=true to replace it")
+        raise ConfigError(f"`output.dir`: {out} already exists and is not empty; choose a new folder or set "
+                          "output.overwrite=true (it replaces an earlier run's files)")
+    names = {p.name for p in entries}
+    try:
+        listed = {Path(n).parts[0] for n in (read_manifest(out) or {}).get("files", {})}
+    except ManifestError:
+        listed = set()
+    is_run = bool(checkpoints or names & {LOG_FILE, MANIFEST, STAGING} or any(n.startswith("checkpoint-") for n in names))
+    foreign = [p.name for p in entries if not (
+        p.name in RUN_ENTRIES or p.name in listed or p.name.startswith("checkpoint-")
+        or (is_run and p.is_file() and any(p.match(pattern) for pattern in MODEL_FILES)))]
+    if foreign:
+        raise ConfigError(f"`output.overwrite`: {out} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
+                          "which no vlmtune run wrote; move it away or choose another output.dir")
+    m, d = cfg.model, cfg.data
+    inputs = [m.path, m.vision, m.llm, m.projector_weights, m.weights, d.images_root, *d.train, *d.eval]
+    inside = [p for p in inputs if p and Path(p).resolve().is_relative_to(out.resolve())]
+    if inside:
+        raise ConfigError(f"`output.overwrite`: {out} holds this run's own input {inside[0]}; replacing the folder "
+                          "would delete it, so choose another output.dir")
+    return entries
+
+
+def clear_earlier_run(out: Path, entries: list[Path]) -> None:
+    """`output.overwrite`: the new run starts from an empty folder. The manifest goes first, so a kill
+    midway never leaves a folder that looks complete."""
+    for entry in sorted(entries, key=lambda p: p.name != MANIFEST):
+        remove_tree(entry)
+    if entries:
+        console.print(f"output.overwrite: removed the earlier run's {len(entries)} file(s) and folder(s) from {out}")
 
 
 def refuse_bad_data(report: DataReport, cfg: RunConfig, role: str) -> None:
@@ -174,18 +226,21 @@ def components_record(plan: TuningPlan, model, files: dict[str, list[str]]) -> d
             for row in plan.rows(model)}
 
 
-def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
-    """Run one training job described by `cfg`; returns where the model went and how the loss moved."""
+def train(cfg: RunConfig, resume: str | bool | None = None, force_resume: bool = False) -> TrainResult:
+    """Run one training job described by `cfg`; returns where the model went and how the loss moved.
+
+    The run holds `output.dir` from start to end: a second run on the same folder is refused."""
+    out = Path(cfg.output.dir)
+    with hold_output_dir(out):
+        return _train_holding_output_dir(cfg, out, resume, force_resume)
+
+
+def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | None, force_resume: bool) -> TrainResult:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    out = Path(cfg.output.dir)
     resume = resume if resume is not None else cfg.train.resume
-    try:
-        checkpoint = resume_point(out, resume)
-    except FileNotFoundError as err:
-        raise ConfigError(str(err)) from None
-    if checkpoint is None:
-        check_output_dir(out, cfg.output.overwrite)
+    checkpoint = resume_point(out, resume, say=lambda line: console.print(f"[yellow]{line}[/]"))
+    earlier = check_output_dir(out, cfg) if checkpoint is None else []
     precision = resolve_precision(cfg.train.precision)
     if cfg.train.tensorboard:
         if importlib.util.find_spec("tensorboard") is None:
@@ -206,7 +261,9 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     eval_data = prepare_data(reports["eval"], cfg, encoder, "eval") if "eval" in reports else None
 
     out.mkdir(parents=True, exist_ok=True)
-    clean_staging(out)
+    clear_earlier_run(out, earlier)
+    for line in clean_staging(out):
+        console.print(line)
     plan = TuningPlan(cfg.tune, loaded.family, cfg.train.lr)
     delta = cfg.output.save == "delta" and not plan.uses_lora
     base_path = ensure_base_on_disk(loaded, out) if plan.uses_lora or delta else None
@@ -228,6 +285,12 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
                 "state": {"step": state.global_step, "epoch": state.epoch, "last_loss": losses[-1] if losses else None}}
 
     if checkpoint is not None:
+        differences = run_differences(read_manifest(checkpoint), record)
+        if differences and not force_resume:
+            raise ConfigError(f"--resume: {checkpoint} belongs to another run ({'; '.join(differences)}); resume with the "
+                              "config that wrote it, or pass --force-resume to continue from it anyway")
+        if differences:
+            console.print(f"[yellow]--force-resume: continuing from {checkpoint} although {'; '.join(differences)}[/]")
         truncate_log(out / LOG_FILE, after_step=read_manifest(checkpoint)["state"]["step"])
         if not plan.uses_lora:  # adapters resume correctly through the Trainer; full weights need this
             restore_full_weights(model, checkpoint, loaded.family)
@@ -246,7 +309,14 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
         optimizers=(optimizer, None),
     )
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except (OSError, RuntimeError) as err:
+        if not is_disk_full(err):
+            raise
+        clean_staging(out)  # the half-written checkpoint
+        trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+        raise disk_full_error(out, model_bytes(model) + 2 * trainable, err) from None
     seconds = time.perf_counter() - started
     if eval_dataset is not None:
         trainer.evaluate()
@@ -257,7 +327,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
         tuned = {c for c in COMPONENTS if plan.mode(c) != "frozen"}
         delta_keys = {k for k in model.state_dict() if plan.component_of(k) in tuned}
         final["components"] = components_record(plan, model, {"*": [DELTA_WEIGHTS], "frozen": [f"base: {base_path}"]})
-    save_model_folder(model, loaded.processor, out, final, delta_keys=delta_keys)
+    save_model_folder(model, loaded.processor, out, final, delta_keys=delta_keys, run_folder=True)
     if plan.uses_lora and cfg.output.merge:
         save_model_folder(model.merge_and_unload(), loaded.processor, out / MERGED_DIR,
                           {**final, "components": components_record(plan, model, {"*": ["model.safetensors"]}),
