@@ -4,21 +4,33 @@ say where each component's weights came from."""
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoProcessor
 
-from vlmtune.checkpoints.manifest import model_fingerprint, read_manifest
+from vlmtune.checkpoints.manifest import ManifestError, check_on_load, model_fingerprint, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS
 from vlmtune.models.registry import Family, family_for
 
 
 class ModelLoadError(ValueError):
     """A model folder that cannot be loaded; the message names the folder and what to do."""
+
+
+def remote_code_refused(err: BaseException) -> str | None:
+    """transformers' refusal to run a folder's own code (trust_remote_code off), in one sentence."""
+    found = re.search(r"repository (\S+) (?:contains|references) custom code", str(err))
+    if not isinstance(err, ValueError) or not found:
+        return None
+    return (f"{found[1]} holds its own model code (named by `auto_map` in its config), which vlmtune does not run "
+            "unless told to: if you trust the folder, pass --trust-remote-code (train: model.trust_remote_code=true)")
 
 
 @dataclass
@@ -62,10 +74,29 @@ def _base_folder(folder: Path, recorded: str | None, what: str) -> Path:
 
 
 def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapters: bool = True) -> LoadedModel:
-    """Load `path` for training or inference; adapters are applied to their base (merged by default)."""
+    """Load `path` for training or inference; adapters are applied to their base (merged by default).
+
+    A vlmtune folder is first checked against its manifest (`check_on_load`); what still fails to
+    load is reported in one sentence naming the folder, never a traceback."""
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"model path {folder} is not a folder")
+    try:
+        check_on_load(folder)
+        return _load(folder, trust_remote_code, merge_adapters)
+    except ModelLoadError:
+        raise
+    except ManifestError as err:
+        raise ModelLoadError(str(err)) from None
+    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError, SafetensorError) as err:
+        if remote_code_refused(err):
+            raise ModelLoadError(remote_code_refused(err)) from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ModelLoadError(f"{folder}: the model cannot be loaded ({type(err).__name__}: {first[:300]}); "
+                             f"run `vlmtune verify {folder}` to find the damaged file") from None
+
+
+def _load(folder: Path, trust_remote_code: bool, merge_adapters: bool) -> LoadedModel:
     if (folder / "adapter_config.json").is_file():
         return _load_adapter(folder, trust_remote_code, merge_adapters)
     if (folder / DELTA_WEIGHTS).is_file():
@@ -116,7 +147,7 @@ def _load_adapter(folder: Path, trust_remote_code: bool, merge: bool) -> LoadedM
             full.add(component)
     if merge:
         model = model.merge_and_unload()
-    processor = AutoProcessor.from_pretrained(folder) if has_processor(folder) else base.processor
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code) if has_processor(folder) else base.processor
     sources = {c: (f"{folder} (fully trained, saved with the adapter)" if c in full else
                    f"{base.path} + LoRA from {folder}" if c in lora else f"{base.path}")
                for c in base.family.components}
@@ -140,6 +171,6 @@ def _load_delta(folder: Path, trust_remote_code: bool) -> LoadedModel:
         raise ModelLoadError(f"{folder}/{DELTA_WEIGHTS} holds {len(result.unexpected_keys)} tensor(s) the base model "
                              f"does not have, e.g. {result.unexpected_keys[:3]}")
     tuned = {base.family.component_of(k) for k in delta}
-    processor = AutoProcessor.from_pretrained(folder) if has_processor(folder) else base.processor
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code) if has_processor(folder) else base.processor
     sources = {c: (f"{folder} (delta)" if c in tuned else f"{base.path}") for c in base.family.components}
     return LoadedModel(base.model, processor, base.family, folder, "delta", base=base.path, sources=sources)

@@ -179,10 +179,20 @@ def hash_problems(folder: Path, manifest: dict, hashes: bool = True) -> list[str
     return problems
 
 
+_load_checks = {"enabled": True}
+
+
+def set_load_checks(enabled: bool) -> None:
+    """`--no-verify`: commands load folders without `check_on_load` (set once by the CLI)."""
+    _load_checks["enabled"] = enabled
+
+
 def check_on_load(folder: Path) -> None:
     """The cheap check every command runs before it loads a vlmtune folder: the manifest is intact,
     every listed file has its size, and — for folders up to QUICK_HASH_LIMIT — its sha256.
     Raises ManifestError naming the first damaged file."""
+    if not _load_checks["enabled"]:
+        return
     manifest = read_manifest(folder)
     if manifest is None:
         return

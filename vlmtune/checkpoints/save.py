@@ -47,6 +47,25 @@ class DiskFullError(OSError):
     """A save ran out of disk space; the message says where, how much is free and how much it needs."""
 
 
+class OutputExistsError(FileExistsError):
+    """`--out` names something that exists and `--overwrite` was not given."""
+
+
+def refuse_existing_out(out: Path, overwrite: bool) -> None:
+    """`merge`, `convert`, `export`: a non-empty `--out` is replaced only with `--overwrite`."""
+    out = Path(out)
+    if overwrite or not (out.exists() or out.is_symlink()) or (out.is_dir() and not any(out.iterdir())):
+        return
+    if out.is_dir():
+        kind = (json.loads((out / MANIFEST).read_text()).get("kind", "?") if (out / MANIFEST).is_file() else None)
+        what = f"a vlmtune {kind} model folder" if kind else f"a folder of {len(list(out.iterdir()))} entries"
+        checkpoints = len(list(out.glob("checkpoint-*")))
+        what += f" with {checkpoints} checkpoint(s)" if checkpoints else ""
+    else:
+        what = "a file"
+    raise OutputExistsError(f"--out {out} is {what}; choose a new --out, or pass --overwrite to replace it whole")
+
+
 def in_place(out: Path, run_folder: bool) -> bool:
     """Whether `out` is updated file by file: a run folder (it keeps its checkpoints and logs), or an
     existing folder that is its own mount point (it cannot be renamed)."""
@@ -130,6 +149,7 @@ def publish(staging: Path, out: Path, run_folder: bool = False) -> Path:
             os.replace(path, target)
         shutil.rmtree(staging, ignore_errors=True)
     else:
+        _pause_for_crash_test()
         aside = staging.parent / f"{out.name}-replaced-{os.getpid()}"
         os.replace(out, aside)
         os.replace(staging, out)
@@ -137,6 +157,15 @@ def publish(staging: Path, out: Path, run_folder: bool = False) -> Path:
     with contextlib.suppress(OSError):
         staging.parent.rmdir()  # the staging root goes once nothing else is being written there
     return out
+
+
+def _pause_for_crash_test() -> None:
+    """`VLMTUNE_TEST_PAUSE_IN_PUBLISH=SECONDS` holds a finished replacement before it is moved into
+    place, so a test can kill a real process at that moment."""
+    if os.environ.get("VLMTUNE_TEST_PAUSE_IN_PUBLISH"):
+        import time
+
+        time.sleep(float(os.environ["VLMTUNE_TEST_PAUSE_IN_PUBLISH"]))
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -213,7 +242,7 @@ def check_folder_loads(folder: Path, model: nn.Module, delta_keys: set[str] | No
         expected = get_peft_model_state_dict(model)
         files = [folder / "adapter_model.safetensors"]
     else:
-        AutoConfig.from_pretrained(folder)
+        AutoConfig.from_pretrained(folder, trust_remote_code=False)
         expected = {k: v for k, v in model.state_dict().items() if delta_keys is None or k in delta_keys}
         index = folder / "model.safetensors.index.json"
         if delta_keys is not None:
@@ -222,7 +251,7 @@ def check_folder_loads(folder: Path, model: nn.Module, delta_keys: set[str] | No
             files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
         else:
             files = [folder / "model.safetensors"]
-    AutoProcessor.from_pretrained(folder)
+    AutoProcessor.from_pretrained(folder, trust_remote_code=False)
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise RuntimeError(f"{folder}: weight file(s) {', '.join(missing)} were not written")

@@ -51,7 +51,7 @@ def build(vision_dir: str, llm_dir: str, projector: str = "mlp2x_gelu", trust_re
     """A new LLaVA model from a pretrained vision encoder and LLM, with a freshly initialised projector."""
     return build_from_parts(
         load_vision(vision_dir, trust_remote_code),
-        AutoImageProcessor.from_pretrained(vision_dir),
+        AutoImageProcessor.from_pretrained(vision_dir, trust_remote_code=trust_remote_code),
         AutoModelForCausalLM.from_pretrained(llm_dir, trust_remote_code=trust_remote_code),
         AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=trust_remote_code),
         projector,
