@@ -173,7 +173,7 @@ def is_disk_full(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err)
-    return any(sign in text for sign in ("No space left on device", "StorageFull", "code: 28", "inline_container"))
+    return any(sign in text for sign in ("No space left on device", "StorageFull", "code: 28", "os error 28", "inline_container"))
 
 
 def disk_full_error(where: Path, needed: int, err: BaseException) -> DiskFullError:
@@ -182,7 +182,7 @@ def disk_full_error(where: Path, needed: int, err: BaseException) -> DiskFullErr
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    return DiskFullError(errno.ENOSPC, f"the disk holding {where} is full ({free / 2**20:.1f} MiB free; this save needs "
+    return DiskFullError(f"the disk holding {where} is full ({free / 2**20:.1f} MiB free; this save needs "
                          f"about {needed / 2**20:.1f} MiB): free some space or choose another folder "
                          f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})")
 
@@ -223,7 +223,7 @@ def save_model_folder(model: nn.Module, processor, out: str | Path, record: dict
     staging = staging_dir(out, run_folder)
     try:
         kind = write_model_files(model, processor, staging, delta_keys)
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # torch, safetensors and the OS each report a full disk their own way
         if not is_disk_full(err):
             raise
         shutil.rmtree(staging, ignore_errors=True)

@@ -60,6 +60,10 @@ class DataConfig(Section):
     )
     skip_bad: bool = Field(False, description="Skip samples that fail the data check (counted) instead of refusing the run.")
     num_workers: int = Field(0, ge=0, description="Data-loader worker processes (images load lazily in them).")
+    confine_images: bool = Field(
+        False, description="Refuse any image outside `data.images_root` (or each data file's folder): "
+        "no `../`, absolute paths or symlinks leading out."
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod

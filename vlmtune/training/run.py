@@ -32,7 +32,7 @@ from vlmtune.console import console, plan_table
 from vlmtune.data.check import DataReport, check_data, encode_checked
 from vlmtune.data.dataset import Collator, ConversationDataset
 from vlmtune.data.encode import SampleEncoder
-from vlmtune.data.records import DataError
+from vlmtune.data.records import DataError, Problem
 from vlmtune.models.registry import family_named
 from vlmtune.training.checkpointing import (
     LOCK,
@@ -126,6 +126,21 @@ def refuse_bad_data(report: DataReport, cfg: RunConfig, role: str) -> None:
             f"{role} data: {report.bad} bad sample(s), {len(report.problems)} problem(s); fix them "
             "(see `vlmtune data check`) or set data.skip_bad=true to skip those samples",
         )
+
+
+def confine_images(report: DataReport, roots: list[str]) -> None:
+    """`data.confine_images`: a sample whose image resolves (symlinks followed) outside every root
+    becomes a problem naming the sample."""
+    resolved = [Path(root).resolve() for root in roots]
+    kept = []
+    for sample in report.samples:
+        outside = [image for image in sample.images if not any(image.resolve().is_relative_to(r) for r in resolved)]
+        if outside:
+            report.problems.append(Problem(sample.where, sample.id, f"image {outside[0]} is outside "
+                                           f"{' and '.join(map(str, resolved))} (data.confine_images=true)"))
+        else:
+            kept.append(sample)
+    report.samples = kept
 
 
 def prepare_data(report: DataReport, cfg: RunConfig, encoder: SampleEncoder, role: str) -> DataReport:
@@ -250,6 +265,8 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     reports = {role: check_data(files, cfg.data.images_root)
                for role, files in (("train", cfg.data.train), ("eval", cfg.data.eval)) if files}
     for role, report in reports.items():
+        if cfg.data.confine_images:
+            confine_images(report, [cfg.data.images_root] if cfg.data.images_root else [str(Path(f).parent) for f in report.files])
         refuse_bad_data(report, cfg, role)
 
     set_seed(cfg.train.seed)
@@ -311,7 +328,7 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # torch, safetensors and the OS each report a full disk their own way
         if not is_disk_full(err):
             raise
         clean_staging(out)  # the half-written checkpoint
