@@ -43,6 +43,7 @@ def hold_output_dir(out: Path) -> Iterator[None]:
     """Hold `out` for this process: a second run on the same folder is refused, naming this one.
 
     `fcntl.flock` is released by the kernel when the process ends, so a killed run leaves no stale lock."""
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
     while True:
@@ -65,6 +66,9 @@ def hold_output_dir(out: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # before unlocking: a run waiting on this file then takes a new one
         os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # a run refused before it wrote anything leaves no empty folder behind
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
