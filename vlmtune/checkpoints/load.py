@@ -73,16 +73,18 @@ def _base_folder(folder: Path, recorded: str | None, what: str) -> Path:
     return base
 
 
-def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapters: bool = True) -> LoadedModel:
+def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapters: bool = True,
+               check: bool = True) -> LoadedModel:
     """Load `path` for training or inference; adapters are applied to their base (merged by default).
 
-    A vlmtune folder is first checked against its manifest (`check_on_load`); what still fails to
-    load is reported in one sentence naming the folder, never a traceback."""
+    A vlmtune folder is first checked against its manifest (`check_on_load`; `check=False` when the
+    caller has just hashed it); what still fails to load is one sentence naming the folder."""
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"model path {folder} is not a folder")
     try:
-        check_on_load(folder)
+        if check:
+            check_on_load(folder)
         return _load(folder, trust_remote_code, merge_adapters)
     except ModelLoadError:
         raise

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from safetensors import safe_open
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoProcessor
 
-from vlmtune.checkpoints.manifest import MANIFEST, ManifestError, write_manifest
+from vlmtune.checkpoints.manifest import MANIFEST, ManifestError, read_manifest, write_manifest
 
 STAGING = ".partial"
 DELTA_WEIGHTS = "delta.safetensors"
@@ -57,7 +58,10 @@ def refuse_existing_out(out: Path, overwrite: bool) -> None:
     if overwrite or not (out.exists() or out.is_symlink()) or (out.is_dir() and not any(out.iterdir())):
         return
     if out.is_dir():
-        kind = (json.loads((out / MANIFEST).read_text()).get("kind", "?") if (out / MANIFEST).is_file() else None)
+        try:
+            kind = (read_manifest(out) or {}).get("kind")
+        except ManifestError:
+            kind = "damaged"
         what = f"a vlmtune {kind} model folder" if kind else f"a folder of {len(list(out.iterdir()))} entries"
         checkpoints = len(list(out.glob("checkpoint-*")))
         what += f" with {checkpoints} checkpoint(s)" if checkpoints else ""
@@ -163,8 +167,6 @@ def _pause_for_crash_test() -> None:
     """`VLMTUNE_TEST_PAUSE_IN_PUBLISH=SECONDS` holds a finished replacement before it is moved into
     place, so a test can kill a real process at that moment."""
     if os.environ.get("VLMTUNE_TEST_PAUSE_IN_PUBLISH"):
-        import time
-
         time.sleep(float(os.environ["VLMTUNE_TEST_PAUSE_IN_PUBLISH"]))
 
 

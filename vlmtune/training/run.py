@@ -72,7 +72,7 @@ def resolve_precision(precision: str) -> str:
 
 
 RUN_ENTRIES = {LOG_FILE, PLOT_FILE, "runs", BASE_DIR, MERGED_DIR, STAGING, MANIFEST}
-MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "*.bin", "*.model", "*.txt", "*.tiktoken")
+MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "*.bin", "*.model", "*.tiktoken", "merges.txt", "vocab.txt", "README.md")
 
 
 def check_output_dir(out: Path, cfg: RunConfig) -> list[Path]:
