@@ -191,11 +191,18 @@ def test_output_dir_on_its_own_file_system(tiny_vlm, color_data, tmp_path):
 
 
 @needs_mounts
-def test_a_full_disk_says_so(tiny_vlm, tmp_path):
-    """Item 7: a full disk is one sentence saying where, what is free and what the save needs."""
+def test_a_full_disk_says_so(tiny_vlm, color_data, tmp_path):
+    """Item 7: a full disk is one sentence saying where, what is free and what the save needs, for a
+    model folder (export) and for a checkpoint written during training."""
     disk = tmp_path / "small"
     disk.mkdir()
     result = in_own_filesystem(disk, "256k", *CLI, "export", str(tiny_vlm), "--out", str(disk / "copy"))
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"error: the disk holding {disk / 'copy'} is full (" in result.stdout
+    assert "this save needs about" in result.stdout and "Traceback" not in result.stderr
+
+    config = write_config(tmp_path / "a.yaml", tiny_vlm, color_data, disk / "run", steps=2)
+    result = in_own_filesystem(disk, "512k", *CLI, "train", str(config))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: the disk holding {disk / 'run'} is full (" in result.stdout
     assert "this save needs about" in result.stdout and "Traceback" not in result.stderr
