@@ -73,6 +73,10 @@ def test_overwrite_starts_from_an_empty_folder_and_resume_refuses_another_runs_c
     assert main(["train", str(other), "--resume", "--force-resume"]) == 0
     assert "--force-resume: continuing from" in capsys.readouterr().out
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+    color_data.write_text(color_data.read_text().replace('"value": "red"', '"value": "blue"', 1))
+    assert main(["train", str(other), "--resume"]) == 2
+    assert (f"--resume: {out / 'checkpoint-4'} belongs to another run (the training data files' contents)"
+            in capsys.readouterr().out)
 
 
 def test_overwrite_refuses_files_no_run_wrote(tiny_vlm, color_data, tmp_path, capsys):

@@ -191,7 +191,8 @@ def resume_point(out: Path, resume: str | bool | None, say: Callable[[str], None
 
 def run_differences(checkpoint_manifest: dict, record: dict) -> list[str]:
     """How this run differs from the one that wrote a checkpoint: config keys (besides those a
-    resumption may change), the data files' fingerprint and the base model's fingerprint."""
+    resumption may change), the data files' fingerprint and the fingerprint of the model it starts
+    from (`source`: `model.path`, or the parts a new VLM is built from)."""
     def flat(tree: dict, prefix: str = "") -> dict:
         items = {}
         for key, value in tree.items():
@@ -207,8 +208,8 @@ def run_differences(checkpoint_manifest: dict, record: dict) -> list[str]:
                if before.get(key) != now.get(key) and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)]
     if checkpoint_manifest.get("data", {}).get("fingerprint") != record["data"]["fingerprint"]:
         changed.append("the training data files' contents")
-    if _base_fingerprints(checkpoint_manifest.get("base", {})) != _base_fingerprints(record["base"]):
-        changed.append("the base model (its fingerprint)")
+    if "source" in checkpoint_manifest and _base_fingerprints(checkpoint_manifest["source"]) != _base_fingerprints(record["source"]):
+        changed.append("the model it starts from (its fingerprint)")
     return changed
 
 

@@ -276,6 +276,16 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     encoder = SampleEncoder(loaded.processor, loaded.family, cfg.data.max_length, cfg.data.loss_on)
     train_data = prepare_data(reports["train"], cfg, encoder, "train")
     eval_data = prepare_data(reports["eval"], cfg, encoder, "eval") if "eval" in reports else None
+    # what this run is: compared with a checkpoint's before anything in output.dir (e.g. base/) is rewritten
+    identity = {"config": cfg.model_dump(), "data": {"fingerprint": data_fingerprint(cfg.data.train)},
+                "source": base_record(loaded, None)}
+    if checkpoint is not None:
+        differences = run_differences(read_manifest(checkpoint), identity)
+        if differences and not force_resume:
+            raise ConfigError(f"--resume: {checkpoint} belongs to another run ({'; '.join(differences)}); resume with the "
+                              "config that wrote it, or pass --force-resume to continue from it anyway")
+        if differences:
+            console.print(f"[yellow]--force-resume: continuing from {checkpoint} although {'; '.join(differences)}[/]")
 
     out.mkdir(parents=True, exist_ok=True)
     clear_earlier_run(out, earlier)
@@ -287,11 +297,12 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     model = plan.apply(loaded.model)
     console.print(plan_table(plan.rows(model)))
 
-    record = {"family": loaded.family.name, "base": base_record(loaded, base_path), "plan": plan.describe(),
-              "data": {"train": cfg.data.train, "eval": cfg.data.eval, "fingerprint": data_fingerprint(cfg.data.train),
+    record = {"family": loaded.family.name, "base": base_record(loaded, base_path), "source": identity["source"],
+              "plan": plan.describe(),
+              "data": {"train": cfg.data.train, "eval": cfg.data.eval, "fingerprint": identity["data"]["fingerprint"],
                        "train_samples": len(train_data.encoded), "skipped": train_data.bad,
                        "truncated": train_data.truncated},
-              "config": cfg.model_dump()}
+              "config": identity["config"]}
 
     weights = "adapter_model.safetensors" if plan.uses_lora else "model.safetensors"
     files = {"*": [weights], "frozen": [f"base: {base_path}"] if plan.uses_lora else [weights]}  # per mode
@@ -302,12 +313,6 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
                 "state": {"step": state.global_step, "epoch": state.epoch, "last_loss": losses[-1] if losses else None}}
 
     if checkpoint is not None:
-        differences = run_differences(read_manifest(checkpoint), record)
-        if differences and not force_resume:
-            raise ConfigError(f"--resume: {checkpoint} belongs to another run ({'; '.join(differences)}); resume with the "
-                              "config that wrote it, or pass --force-resume to continue from it anyway")
-        if differences:
-            console.print(f"[yellow]--force-resume: continuing from {checkpoint} although {'; '.join(differences)}[/]")
         truncate_log(out / LOG_FILE, after_step=read_manifest(checkpoint)["state"]["step"])
         if not plan.uses_lora:  # adapters resume correctly through the Trainer; full weights need this
             restore_full_weights(model, checkpoint, loaded.family)
