@@ -157,6 +157,9 @@ def test_a_second_run_on_a_held_output_dir_is_refused_and_a_killed_run_leaves_on
     assert main(["train", str(config), "--resume"]) == 2  # the dead run's lock went with it
     assert (f"--resume: {out} holds no complete checkpoint-<step> folder to resume from; start the run again with "
             "`vlmtune train CONFIG output.overwrite=true`" in capsys.readouterr().out)
+    assert main(["train", str(config)]) == 2
+    assert (f"`output.dir`: {out} holds what an interrupted run left (no complete checkpoint); start it again with "
+            "`vlmtune train CONFIG output.overwrite=true`" in capsys.readouterr().out)
     assert main(["train", str(config), "output.overwrite=true"]) == 0
     assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and not (out / ".partial").exists()
 

@@ -83,18 +83,21 @@ def check_output_dir(out: Path, cfg: RunConfig) -> list[Path]:
     if not entries:
         return []
     checkpoints = [p.name for p in complete_checkpoints(out)]
+    names = {p.name for p in entries}
+    is_run = bool(checkpoints or names & {LOG_FILE, MANIFEST, STAGING} or any(n.startswith("checkpoint-") for n in names))
     if not cfg.output.overwrite:
         if checkpoints:
             raise ConfigError(f"`output.dir`: {out} holds an earlier run (newest {checkpoints[-1]}); continue it with "
                               "`vlmtune train CONFIG --resume`, or set output.overwrite=true to replace it")
+        if is_run and MANIFEST not in names:
+            raise ConfigError(f"`output.dir`: {out} holds what an interrupted run left (no complete checkpoint); "
+                              "start it again with `vlmtune train CONFIG output.overwrite=true`")
         raise ConfigError(f"`output.dir`: {out} already exists and is not empty; choose a new folder or set "
                           "output.overwrite=true (it replaces an earlier run's files)")
-    names = {p.name for p in entries}
     try:
         listed = {Path(n).parts[0] for n in (read_manifest(out) or {}).get("files", {})}
     except ManifestError:
         listed = set()
-    is_run = bool(checkpoints or names & {LOG_FILE, MANIFEST, STAGING} or any(n.startswith("checkpoint-") for n in names))
     foreign = [p.name for p in entries if not (
         p.name in RUN_ENTRIES or p.name in listed or p.name.startswith("checkpoint-")
         or (is_run and p.is_file() and any(p.match(pattern) for pattern in MODEL_FILES)))]
