@@ -46,9 +46,13 @@ def _config(path: Path) -> dict:
 
 
 def is_minicpmv_folder(path: Path) -> bool:
-    """OpenBMB's layout (and vlmtune's output): `model_type` minicpmv, `auto_map` naming modeling_minicpmv."""
+    """OpenBMB's layout: `model_type` minicpmv, `auto_map` naming modeling_minicpmv and OpenBMB's
+    `configuration_minicpm`. Folders vlmtune wrote name `configuration_minicpmv` (our file) and load as
+    any vlmtune folder (manifest check, Auto classes resolved to the registered implementation)."""
     config = _config(path)
-    return config.get("model_type") == "minicpmv" and "modeling_minicpmv" in json.dumps(config.get("auto_map", {}))
+    auto_map = config.get("auto_map", {})
+    return (config.get("model_type") == "minicpmv" and "modeling_minicpmv" in json.dumps(auto_map)
+            and auto_map.get("AutoConfig") != "configuration_minicpmv.MiniCPMVConfig")
 
 
 def load_minicpmv(path, options: LoadOptions = LoadOptions()):

@@ -4,7 +4,6 @@ data files: `config.json`, the weights, `tokenizer.json` + `tokenizer_config.jso
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import AutoModel, AutoProcessor, PreTrainedTokenizerFast
@@ -38,12 +37,6 @@ def read_processor(path: Path) -> MiniCPMVProcessor:
     return MiniCPMVProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def is_ours(path: Path) -> bool:
-    """A folder vlmtune wrote: its config names our configuration file (OpenBMB's is `configuration_minicpm`)."""
-    config = json.loads((path / "config.json").read_text())
-    return config.get("auto_map", {}).get("AutoConfig") == "configuration_minicpmv.MiniCPMVConfig"
-
-
 def load_folder(path: Path, options: LoadOptions):
     from vlmtune.checkpoints.load import LoadedModel
     from vlmtune.models.minicpmv.family import MINICPMV
@@ -63,8 +56,7 @@ def load_folder(path: Path, options: LoadOptions):
     model.processor = processor  # `chat` uses it, never the folder's processor code
     # OpenBMB's folder cannot load in plain transformers 5 (its code predates it): it counts as converted,
     # so a LoRA or delta run writes a loadable base (with our code) and points the adapter at it
-    kind = "full" if is_ours(path) else "converted"
-    loaded = LoadedModel(model, processor, MINICPMV, path, kind, sources={c: str(path) for c in MINICPMV.components})
+    loaded = LoadedModel(model, processor, MINICPMV, path, "converted", sources={c: str(path) for c in MINICPMV.components})
     if info.get("missing_keys") or info.get("unexpected_keys"):
         raise FamilyError(f"{path}: the weights do not match MiniCPM-V {config.version} "
                           f"(missing {sorted(info['missing_keys'])[:4]}, unexpected {sorted(info['unexpected_keys'])[:4]}); "
