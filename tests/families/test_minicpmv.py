@@ -241,3 +241,12 @@ def test_missing_processor_files_are_named(original, tmp_path):
     (copy / "preprocessor_config.json").unlink()
     with pytest.raises(ValueError, match=r"copy/ has no preprocessor_config.json|has no preprocessor_config.json: a MiniCPM-V folder needs it"):
         load_any(copy)
+
+
+def test_inspect_in_a_fresh_process_names_the_layout_and_runs_no_code(original):
+    done = subprocess.run([sys.executable, "-m", "vlmtune.cli", "inspect", "--json", str(original)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    info = json.loads(done.stdout)
+    assert info["family"] == "minicpmv" and info["layout"].startswith("MiniCPM-V 2.x folder (OpenBMB remote code)")
+    assert set(info["components"]) == {"vision", "resampler", "llm"}

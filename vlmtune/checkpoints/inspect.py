@@ -59,9 +59,22 @@ def _best_family(tensors: dict) -> Family | None:
 
 
 def _foreign(path: Path) -> dict | None:
-    """XTuner and original-LLaVA folders: what they are and what they need."""
+    """XTuner and original-LLaVA folders and the layouts families register: what they are and what they need.
+    (`layout_for` imports every family first, so families that register transformers Auto classes, such as
+    MiniCPM-V 2.x, have done so before any config is read.)"""
     from vlmtune.convert.foreign import is_original_llava
     from vlmtune.convert.merge import is_xtuner_folder, xtuner_config_paths
+    from vlmtune.models.registry import layout_for
+
+    found = layout_for(path)
+    if found:
+        family, layout = found
+        tensors = {}
+        for file in sorted(path.glob("*.safetensors")):
+            tensors.update(tensor_shapes(file))
+        return {"layout": f"{layout.name} ({layout.hint})" if layout.hint else layout.name, "family": family.name,
+                **(layout.describe(path) if layout.describe else {}), "components": _group(tensors, family),
+                "files": sorted(p.name for p in path.iterdir())}
 
     if is_xtuner_folder(path):
         named = xtuner_config_paths(path)
