@@ -119,6 +119,8 @@ def color_data(folder):
         make_image(folder / f"{i}.png", color, size=size)
         records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
             {"role": "user", "content": "<image>\nWhat color?"}, {"role": "assistant", "content": color}]})
+    records.append({"id": "text", "conversations": [{"role": "user", "content": "Hello there"},
+                                                    {"role": "assistant", "content": "yes"}]})
     return write_jsonl(folder / "train.jsonl", records)
 
 
@@ -166,7 +168,7 @@ def test_every_mode_trains_and_the_output_loads_the_minicpmv_way(original, run, 
                             "data": {"train": str(color_data(tmp_path / "data")), "max_length": 512},
                             "tune": RUNS[run],
                             "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "logging_steps": 1, "save_steps": 0,
-                                      "warmup_ratio": 0.0},
+                                      "warmup_ratio": 0.0, "gradient_checkpointing": run == "full"},
                             "output": {"dir": str(out)}})
     result = train(cfg)
     assert result.final_loss < result.first_loss
