@@ -154,7 +154,7 @@ print(json.dumps({"answer": answer, "module": type(inner).__module__}))
 
 RUNS = {"vision-only": dict(vision="full", resampler="frozen", llm="frozen"),  # OpenBMB: tune_vision, not tune_llm
         "resampler-only": dict(vision="frozen", resampler="full", llm="frozen"),
-        "llm-lora": dict(vision="frozen", resampler="full", llm="lora"),  # OpenBMB: use_lora
+        "llm-lora": dict(vision="frozen", resampler="full", llm="lora", embeddings="full"),  # OpenBMB: use_lora
         "full": dict(vision="full", resampler="full", llm="full"),
         "lora-all": dict(vision="lora", resampler="lora", llm="lora")}
 
@@ -176,7 +176,8 @@ def test_every_mode_trains_and_the_output_loads_the_minicpmv_way(original, run, 
     assert manifest["family"] == "minicpmv"
     assert set(json.loads(((Path(manifest["base"]["path"]) if (out / "adapter_config.json").is_file() else out)
                            / "vlmtune.json").read_text())["code"]) == CODE
-    assert {c: v["mode"] for c, v in manifest["components"].items()} == RUNS[run]
+    embeddings = {"embeddings": "full" if RUNS[run]["llm"] == "full" else "frozen"}  # they follow the LLM unless named
+    assert {c: v["mode"] for c, v in manifest["components"].items()} == {**embeddings, **RUNS[run]}
     adapter = (out / "adapter_config.json").is_file()
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter else ""
     model_files = {p.name for p in (Path(base) if adapter else out).iterdir()}

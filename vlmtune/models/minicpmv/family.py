@@ -71,7 +71,10 @@ register_auto_classes()
 
 MINICPMV = register(Family(
     name="minicpmv",
-    components={"vision": ("vpm",), "resampler": ("resampler",), "llm": ("llm",)},
+    # embeddings apart from the LLM: OpenBMB's LoRA runs train them in full beside the adapter
+    components={"vision": ("vpm",), "resampler": ("resampler",), "llm": ("llm",),
+                "embeddings": ("llm.model.embed_tokens",)},
+    follows=(("embeddings", "llm"),),
     matches=lambda config: getattr(config, "model_type", None) == "minicpmv",
     model_class=MiniCPMV,
     layouts=(Layout(name="MiniCPM-V 2.x folder (OpenBMB remote code)", detect=is_minicpmv_folder, load=load_minicpmv,
