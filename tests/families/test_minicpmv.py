@@ -253,3 +253,22 @@ def test_inspect_in_a_fresh_process_names_the_layout_and_runs_no_code(original):
     info = json.loads(done.stdout)
     assert info["family"] == "minicpmv" and info["layout"].startswith("MiniCPM-V 2.x folder (OpenBMB remote code)")
     assert set(info["components"]) == {"vision", "resampler", "llm"}
+
+
+def test_two_images_get_the_processor_ids_numbered_per_sample(original):
+    loaded = load_any(original)
+    images = [Image.new("RGB", (40, 24), (200, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 200))]
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]}]
+    encoder = SampleEncoder(loaded.processor, loaded.family, 1 << 20)
+    ids, blocks = encoder.generation_ids(chat, images)
+    mark = loaded.processor.image_token + "\n"
+    text = loaded.processor.tokenizer.apply_chat_template([{"role": "user", "content": mark * 2 + "Same?"}], tokenize=False,
+                                                          add_generation_prompt=True)
+    assert loaded.processor(text=text, images=images)["input_ids"][0].tolist() == ids
+    decoded = loaded.processor.tokenizer.decode(ids)
+    numbered = json.loads((original / "config.json").read_text())["version"] >= 2.6
+    assert ("<image_id>0</image_id>" in decoded and "<image_id>1</image_id>" in decoded) == numbered
+    with torch.no_grad():  # 5 slices for the first image, 1 for the second, in order
+        pixels = mm.image_inputs(loaded.processor, images, blocks)
+        assert pixels["tgt_sizes"].tolist() == [[3, 5]] * 5 + [[4, 4]]
+        assert loaded.model(input_ids=torch.tensor([ids]), **pixels).logits.isfinite().all()
