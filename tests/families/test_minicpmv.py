@@ -252,7 +252,7 @@ def test_inspect_in_a_fresh_process_names_the_layout_and_runs_no_code(original):
     assert done.returncode == 0, done.stdout + done.stderr
     info = json.loads(done.stdout)
     assert info["family"] == "minicpmv" and info["layout"].startswith("MiniCPM-V 2.x folder (OpenBMB remote code)")
-    assert set(info["components"]) == {"vision", "resampler", "llm"}
+    assert set(info["components"]) == {"vision", "resampler", "llm", "embeddings"}
 
 
 def test_two_images_get_the_processor_ids_numbered_per_sample(original):
