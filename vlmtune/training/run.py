@@ -274,6 +274,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None, force_resume: bool =
 
     The run holds `output.dir` from start to end: a second run on the same folder is refused."""
     out = Path(cfg.output.dir)
+    check_paths(cfg)  # before the lock: `output.dir` may be a file
     with hold_output_dir(out):
         return _train_holding_output_dir(cfg, out, resume, force_resume)
 
@@ -286,7 +287,6 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("`train.tensorboard`: the tensorboard package is not installed; pip install 'vlmtune[tensorboard]'")
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs")  # not under the checkpoint staging folder
-    check_paths(cfg)
     resume = resume if resume is not None else cfg.train.resume
     try:
         checkpoint = resume_point(out, resume, say=lambda line: console.print(f"[yellow]{line}[/]"))
