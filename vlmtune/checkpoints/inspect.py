@@ -1,7 +1,8 @@
 """`vlmtune inspect`: what a folder or weight file is, without loading the model.
 
-Reads safetensors headers (or a weights-only `torch.load` for .bin/.pth), configs, the manifest and
-the trainer state; groups tensors by component through the model family's key names.
+Reads safetensors headers (or a weights-only `torch.load` for .bin/.pth), configs (never running a
+folder's own code), the manifest and the trainer state; groups tensors by component through the
+model family's key names. Foreign layouts are described by the family that registered them.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from vlmtune.checkpoints.load import ModelLoadError
 from vlmtune.checkpoints.manifest import read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS
-from vlmtune.models.registry import Family, families, family_for
+from vlmtune.models.registry import Family, families, family_for, layout_for
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
@@ -26,7 +28,11 @@ def tensor_shapes(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     if file.suffix == ".safetensors":
         with safe_open(file, "pt") as fh:
             return {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
-    state = torch.load(file, map_location="meta", weights_only=True)
+    try:
+        state = torch.load(file, map_location="meta", weights_only=True)
+    except Exception as err:  # a pickle of more than tensors: inspect reads nothing else
+        raise ModelLoadError(f"{file}: not a weights-only PyTorch file, so inspect does not read it "
+                             f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items() if hasattr(v, "shape")}
@@ -53,40 +59,37 @@ def _best_family(tensors: dict) -> Family | None:
 
 
 def _foreign(path: Path) -> dict | None:
-    """XTuner and original-LLaVA folders: what they are and what they need."""
-    from vlmtune.convert.foreign import is_original_llava
-    from vlmtune.convert.merge import is_xtuner_folder, xtuner_config_paths
+    """A layout a family registered (original LLaVA, XTuner, ...): what it is and what it needs."""
+    found = layout_for(path)
+    if found is None:
+        return None
+    family, layout = found
+    info = {"layout": f"{layout.name} ({layout.hint})" if layout.hint else layout.name, "family": family.name}
+    return {**info, **(layout.describe(path) if layout.describe else {"components": {}})}
 
-    if is_xtuner_folder(path):
-        named = xtuner_config_paths(path)
-        return {"layout": "XTuner pth_to_hf folder (load or merge it with vlmtune merge --from)",
-                "parts": {name: (path / name).exists() for name in ("llm_adapter", "visual_encoder_adapter", "visual_encoder",
-                                                                    "projector", "config.json")},
-                "needs_base": {key: {"path": value, "present": (Path(value) / "config.json").is_file()}
-                               for key, value in named.items()},
-                "components": {}, "files": sorted(p.name for p in path.iterdir())}
-    if is_original_llava(path):
-        config = json.loads((path / "config.json").read_text())
-        tensors = {}
-        for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-            tensors.update(tensor_shapes(file))
-        groups = _group({("projector" if "mm_projector" in k else "vision" if "vision_tower" in k else "llm") + "." + k: v
-                         for k, v in tensors.items()}, None)
-        tower = config.get("mm_vision_tower")
-        return {"layout": "original LLaVA repository folder (LlavaLlamaForCausalLM; vlmtune convert turns it into transformers LLaVA)",
-                "architecture": (config.get("architectures") or ["?"])[0], "projector_type": config.get("mm_projector_type"),
-                "needs_base": {"vision_tower": {"path": tower, "present": bool(tower) and (Path(tower) / "config.json").is_file(),
-                                                "in_checkpoint": "vision" in groups}},
-                "components": groups, "files": sorted(p.name for p in path.iterdir())}
-    return None
+
+def _config(path: Path) -> tuple[object | None, str | None]:
+    """The folder's config, never running its code: remote-code folders are reported, not loaded."""
+    raw = json.loads((path / "config.json").read_text())
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False), None
+    except (ValueError, OSError, KeyError) as err:
+        if raw.get("auto_map"):
+            return None, (f"config.json names its own code (auto_map {sorted(raw['auto_map'])}); inspect never runs it. "
+                          "Loading this model needs --trust-remote-code (model.trust_remote_code: true), given only "
+                          "if you trust its author")
+        return None, f"config.json does not load with transformers ({type(err).__name__}: {err})"
 
 
 def describe(path: str | Path) -> dict:
     """A plain-data description of `path` (see the module docstring)."""
     path = Path(path)
+    foreign = _foreign(path)
+    if foreign:
+        return {"path": str(path), **foreign}
     if path.is_file():
         if path.suffix not in WEIGHT_SUFFIXES:
-            raise ValueError(f"{path}: not a weight file (expected one of {', '.join(WEIGHT_SUFFIXES)})")
+            raise ModelLoadError(f"{path}: not a weight file (expected one of {', '.join(WEIGHT_SUFFIXES)})")
         tensors = tensor_shapes(path)
         family = _best_family(tensors)
         info = {"path": str(path), "layout": f"weight file ({path.suffix})", "family": family.name if family else None,
@@ -98,21 +101,23 @@ def describe(path: str | Path) -> dict:
             info["layout"] += ": an XTuner LLaVAModel state dict (pretrained_pth)"
         return info
     if not path.is_dir():
-        raise ValueError(f"{path} does not exist")
+        raise ModelLoadError(f"{path} does not exist")
     info: dict = {"path": str(path)}
-    foreign = _foreign(path)
-    if foreign:
-        return {**info, **foreign}
     manifest = read_manifest(path)
     family = None
     if (path / "config.json").is_file():
-        config = AutoConfig.from_pretrained(path)
-        info["architecture"] = (config.architectures or [config.model_type])[0]
-        try:
-            family = family_for(config)
-            info["family"] = family.name
-        except ValueError:
-            pass
+        config, problem = _config(path)
+        if config is None:
+            raw = json.loads((path / "config.json").read_text())
+            info["architecture"] = (raw.get("architectures") or [raw.get("model_type", "?")])[0]
+            info["needs"] = problem
+        else:
+            info["architecture"] = (config.architectures or [config.model_type])[0]
+            try:
+                family = family_for(config)
+                info["family"] = family.name
+            except ValueError:
+                pass
     if (path / "adapter_config.json").is_file():
         adapter = json.loads((path / "adapter_config.json").read_text())
         base = adapter.get("base_model_name_or_path")
