@@ -93,7 +93,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
             return getattr(__import__("builtins"), name)
         if module.split(".")[0] in _DANGEROUS or module.startswith("torch") and not name[:1].isupper():
-            raise PickleRefused(f"{module}.{name}")
+            raise PickleRefused(f"{'builtins' if module == '__builtin__' else module}.{name}")
         return _placeholder(module, name)
 
 

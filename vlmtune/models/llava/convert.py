@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -231,6 +232,12 @@ def local_folder(name, override: Path | None, what: str, flag: str, where: Path)
     return folder
 
 
+def parts_options(options: LoadOptions) -> LoadOptions:
+    """Parts load in float32 unless a dtype is asked for: transformers 5 would load each in the dtype
+    its config records (a fp16 LLM beside a fp32 tower), and a conversion should lose nothing."""
+    return replace(options, dtype=options.dtype or "float32")
+
+
 def has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
@@ -270,7 +277,7 @@ def _compose(folder: Path, config: dict, llm, tokenizer, state: dict, vision: Pa
     if config.get("mm_use_im_start_end"):
         raise _error(f"{folder}/config.json: mm_use_im_start_end is set (image start/end tokens), which vlmtune "
                      "does not convert")
-    vision_model = load_vision(str(vision), options)
+    vision_model = load_vision(str(vision), parts_options(options))
     tower = {strip_vision_level(k.removeprefix(ORIGINAL_TOWER)): v for k, v in state.items() if k.startswith(ORIGINAL_TOWER)}
     if tower:  # the checkpoint carries its (possibly tuned) tower: it wins over the folder's
         result = vision_model.load_state_dict(tower, strict=False)
@@ -327,7 +334,7 @@ def convert_lora_output(folder: Path, options: LoadOptions = LoadOptions(), conv
     llm_dir = local_folder(adapter.get("base_model_name_or_path"), convert.llm,
                            "base LLM (adapter_config.json base_model_name_or_path)", "--llm", folder)
     vision = local_folder(config.get("mm_vision_tower"), convert.vision, "vision tower (mm_vision_tower)", "--vision", folder)
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir, **options.kwargs())
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir, **parts_options(options).kwargs())
     llm = merge_adapter(llm, folder)
     trainables = folder / "non_lora_trainables.bin"
     state = read_state_dict(trainables) if trainables.is_file() else {}
@@ -347,10 +354,47 @@ def convert_stage1(folder: Path, options: LoadOptions = LoadOptions(), convert: 
     config = read_config(folder)
     llm_dir = local_folder(config.get("_name_or_path"), convert.llm, "base LLM (config.json _name_or_path)", "--llm", folder)
     vision = local_folder(config.get("mm_vision_tower"), convert.vision, "vision tower (mm_vision_tower)", "--vision", folder)
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir, **options.kwargs())
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir, **parts_options(options).kwargs())
     state = read_state_dict(folder / "mm_projector.bin")
     return _compose(folder, config, llm, load_tokenizer(llm_dir, options), state, vision, convert, options, [], [],
                     {"projector": str(folder / "mm_projector.bin"), "llm": str(llm_dir)})
+
+
+# ---------------------------------------------------------------- transformers 4's own LLaVA folders
+
+def chat_template_saved(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    return any(json.loads((folder / name).read_text()).get("chat_template")
+               for name in ("processor_config.json", "tokenizer_config.json") if (folder / name).is_file())
+
+
+def processor_complete(folder: Path) -> bool:
+    """Whether the processor says how many tokens an image takes (transformers >= 4.47 wrote it)."""
+    saved = folder / "processor_config.json"
+    return saved.is_file() and bool(json.loads(saved.read_text()).get("patch_size"))
+
+
+def convert_transformers4(folder: Path, options: LoadOptions = LoadOptions(), convert: ConvertOptions = ConvertOptions()):
+    """A transformers LLaVA folder written before the processor recorded its image token count, often
+    without a chat template (XTuner's `--save-format huggingface`): the weights through the family's
+    renames, the processor completed from the model config, the template given or the default."""
+    from vlmtune.convert.foreign import convert_transformers
+    from vlmtune.data.templates import BUILTIN
+    from vlmtune.models.chat_template import DEFAULT_CHAT_TEMPLATE
+
+    loaded = convert_transformers(folder, options, convert)
+    config, processor = loaded.model.config, loaded.processor
+    tower = loaded.model.model.vision_tower
+    processor.patch_size = config.vision_config.patch_size
+    processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+    processor.num_additional_image_tokens = 1 if hasattr(tower.embeddings, "class_embedding") else 0
+    if not getattr(processor, "chat_template", None):
+        processor.chat_template = DEFAULT_CHAT_TEMPLATE
+        loaded.notes.append(f"warning: {folder} has no chat template, so vlmtune's default is used; if the model was "
+                            f"trained with another format, set data.chat_template (or convert --chat-template) to it "
+                            f"({', '.join(BUILTIN)} or a .jinja file)")
+    return loaded
 
 
 def refuse_mgm(folder: Path, *args, **kwargs):

@@ -96,6 +96,16 @@ def is_mgm_folder(path: Path) -> bool:
     return path.is_dir() and original.is_mgm(path)
 
 
+def is_transformers4_llava(path: Path) -> bool:
+    """A transformers LLaVA folder whose processor does not say how many tokens an image takes, or that
+    has no chat template (transformers 4 before 4.47; XTuner's `--save-format huggingface`)."""
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return False
+    config = original.read_config(path)
+    return config.get("model_type") == "llava" and (not original.processor_complete(path)
+                                                     or not original.chat_template_saved(path))
+
+
 def is_xtuner_checkpoint(path: Path) -> bool:
     """XTuner's training checkpoint: an mmengine `iter_N.pth` (a torch zip whose pickle names the
     runner's `meta` and `message_hub`), or the DeepSpeed folder `iter_N.pth/` of the same name."""
@@ -168,6 +178,17 @@ def _describe_xtuner(path: Path) -> dict:
             "components": {}, "files": sorted(p.name for p in path.iterdir())}
 
 
+def _describe_transformers4(path: Path) -> dict:
+    from vlmtune.models.llava.family import LLAVA
+
+    config = original.read_config(path)
+    return {"architecture": (config.get("architectures") or ["?"])[0],
+            "transformers_version": config.get("transformers_version"),
+            "chat_template": "saved" if original.chat_template_saved(path) else "none (give --chat-template)",
+            "components": group(_folder_shapes(path), lambda k: LLAVA.component_of(LLAVA.canonical_key(k)) or "other"),
+            "files": sorted(p.name for p in path.iterdir())}
+
+
 def _describe_checkpoint(path: Path) -> dict:
     from vlmtune.models.llava.family import LLAVA
 
@@ -189,6 +210,9 @@ LAYOUTS = (
            hint="vlmtune convert DIR --out OUT, or model.path: DIR"),
     Layout("XTuner pth_to_hf folder", is_xtuner_folder, _load_xtuner, _describe_xtuner,
            hint="vlmtune merge --from DIR --out OUT, or model.path: DIR", parts=xtuner_parts),
+    Layout("transformers 4 LLaVA folder without a complete processor or chat template", is_transformers4_llava,
+           original.convert_transformers4, _describe_transformers4,
+           hint="vlmtune convert DIR [--chat-template NAME] --out OUT, or model.path: DIR"),
     Layout("XTuner training checkpoint (iter_N.pth)", is_xtuner_checkpoint, _refuse_checkpoint, _describe_checkpoint,
            hint="a state dict: vlmtune merge --base BASE --weights FILE, or model.weights: FILE"),
 )

@@ -17,7 +17,7 @@ from vlmtune.data.templates import resolve_template
 from vlmtune.models.family import LoadOptions
 from vlmtune.models.llava.build import build_from_parts, load_vision
 from vlmtune.models.llava.convert import (XTUNER_TEMPLATES, _error, apply_projector, llm_key, load_tokenizer,
-                                          projector_kind, projector_weights, vision_key)
+                                          parts_options, projector_kind, projector_weights, vision_key)
 
 XTUNER_PARTS = ("llm_adapter", "visual_encoder_adapter", "visual_encoder", "xtuner_config.py")
 
@@ -98,9 +98,10 @@ def merge_parts(parts, base=None, options: LoadOptions = LoadOptions()):
                 raise _error(f"--{name} {getattr(parts, name)} is not a model folder here (no config.json)")
         kind = projector_kind(projector_weights(parts.projector)) if parts.projector is not None else "mlp2x_gelu"
         template = resolve_template(parts.chat_template) if parts.chat_template else None
+        loading = parts_options(options)
         model, processor = build_from_parts(
-            load_vision(str(parts.vision), options), AutoImageProcessor.from_pretrained(parts.vision),
-            AutoModelForCausalLM.from_pretrained(parts.llm, **options.kwargs()), load_tokenizer(parts.llm, options),
+            load_vision(str(parts.vision), loading), AutoImageProcessor.from_pretrained(parts.vision),
+            AutoModelForCausalLM.from_pretrained(parts.llm, **loading.kwargs()), load_tokenizer(parts.llm, options),
             kind, vision_feature_layer=parts.feature_layer if parts.feature_layer is not None else -2,
             chat_template=template)
         loaded = LoadedModel(model, processor, LLAVA, parts.llm, "built")

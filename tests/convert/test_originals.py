@@ -1,0 +1,188 @@
+"""Checkpoints as the original tools write them (tests/fixtures/originals.py): `inspect` names each,
+`convert` / `merge` give a model whose logits equal the source composition computed without vlmtune,
+and training continues from each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from fixtures import originals as o
+from vlmtune.cli import main
+
+PIXELS = torch.rand(1, 3, o.IMAGE, o.IMAGE, generator=torch.Generator().manual_seed(0))
+BEFORE, AFTER = [1, 40, 41], [50, 51, 52, 2]
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory):
+    """What users download: a Vicuna-style LLM (slow tokenizer only) and a transformers-4 CLIP folder."""
+    root = tmp_path_factory.mktemp("hub")
+    llm_state = o.vicuna(root / "vicuna-7b-v1.5")
+    o.clip(root / "clip-vit-large-patch14-336")
+    return {"llm": root / "vicuna-7b-v1.5", "vision": root / "clip-vit-large-patch14-336", "llm_state": llm_state}
+
+
+def originals(kind, d, root):
+    args = (root, d["llm"], d["vision"], d["llm_state"])
+    return {"stage2": o.llava_stage2, "lora": o.llava_lora, "stage1": o.llava_stage1, "xtuner": o.xtuner_pth_to_hf}[kind](*args)
+
+
+def converted_logits(folder, original):
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    image_tokens = (o.IMAGE // o.PATCH) ** 2 + (0 if original.drop_cls else 1)
+    ids = torch.tensor([BEFORE + [model.config.image_token_id] * image_tokens + AFTER])
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=PIXELS).logits[..., :o.VOCAB]
+
+
+def assert_same_logits(folder, original, atol):
+    got, expected = converted_logits(folder, original), o.reference_logits(original, BEFORE, AFTER, PIXELS)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=atol), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("kind, command, atol", [("stage2", "convert", 1e-4), ("lora", "convert", 1e-4),
+                                                 ("stage1", "convert", 1e-4), ("xtuner", "merge", 1e-3)])
+def test_each_original_converts_to_its_logits(downloads, tmp_path, capsys, kind, command, atol):
+    original = originals(kind, downloads, tmp_path)
+    assert main(["inspect", str(original.folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    expected = {"stage2": "original LLaVA repository folder", "lora": "original LLaVA LoRA output",
+                "stage1": "original LLaVA stage-1 output", "xtuner": "XTuner pth_to_hf folder"}[kind]
+    assert info["layout"].startswith(expected) and info["family"] == "llava"
+    args = ["convert", str(original.folder)] if command == "convert" else ["merge", "--from", str(original.folder)]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote and verified" in printed
+    assert_same_logits(tmp_path / "out", original, atol)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["vision_feature_layer"] == original.layer
+    assert config["vision_feature_select_strategy"] == ("default" if original.drop_cls else "full")
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")  # the slow tokenizer, converted
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]},
+                                          {"role": "assistant", "content": [{"type": "text", "text": "red"}]}], tokenize=False)
+    assert "USER: <image>\nHi? ASSISTANT: red</s>" in text  # Vicuna v1, as LLaVA-1.5 / XTuner's vicuna trained
+    if kind == "stage2":
+        assert info["needs_base"]["vision_tower"]["in_checkpoint"] and set(info["components"]) == {"llm", "projector", "vision"}
+        assert "float16" in info["components"]["vision"]["dtypes"]
+
+
+def test_lora_output_names_missing_parts_and_takes_overrides(downloads, tmp_path, capsys):
+    original = o.llava_lora(tmp_path, downloads["llm"], downloads["vision"], downloads["llm_state"])
+    adapter = json.loads((original.folder / "adapter_config.json").read_text())
+    (original.folder / "adapter_config.json").write_text(json.dumps({**adapter, "base_model_name_or_path": "lmsys/vicuna-7b-v1.5"}))
+    config = json.loads((original.folder / "config.json").read_text())
+    (original.folder / "config.json").write_text(json.dumps({**config, "mm_vision_tower": "openai/clip-vit-large-patch14-336"}))
+    out = tmp_path / "out"
+    assert main(["convert", str(original.folder), "--out", str(out)]) == 2
+    printed = capsys.readouterr().out
+    assert "base LLM (adapter_config.json base_model_name_or_path) 'lmsys/vicuna-7b-v1.5' is not a model folder" in printed
+    assert "--llm DIR" in printed and not out.exists()
+    assert main(["convert", str(original.folder), "--llm", str(downloads["llm"]), "--vision", str(downloads["vision"]),
+                 "--chat-template", "llama_2", "--out", str(out)]) == 0
+    assert_same_logits(out, original, 1e-4)
+    assert "[INST]" in AutoProcessor.from_pretrained(out).chat_template
+
+
+def test_xtuner_training_checkpoints_load_without_running_anything(downloads, tmp_path, capsys):
+    pth, projector = o.xtuner_iter_pth(tmp_path / "pretrain")
+    deepspeed, tuned_llm, ds_projector = o.xtuner_deepspeed_dir(tmp_path / "finetune", downloads["llm_state"])
+    assert main(["inspect", str(pth), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"].startswith("XTuner training checkpoint") and set(info["components"]) == {"projector"}
+    assert main(["inspect", str(deepspeed), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["deepspeed"] and set(info["components"]) == {"projector", "llm"}
+    assert info["components"]["llm"]["dtypes"] == ["bfloat16"]
+    clip_tower = o.clip_tower(downloads["vision"])
+    for source, original in ((pth, o.Original(pth, llm=downloads["llm_state"], tower=clip_tower, projector=projector)),
+                             (deepspeed, o.Original(deepspeed, llm=tuned_llm, tower=clip_tower, projector=ds_projector))):
+        out = tmp_path / f"merged-{source.name}"
+        assert main(["merge", "--llm", str(downloads["llm"]), "--vision", str(downloads["vision"]),
+                     "--weights", str(source), "--out", str(out)]) == 0
+        assert_same_logits(out, original, 1e-4)
+    assert main(["convert", str(pth), "--out", str(tmp_path / "x")]) == 2
+    assert "XTuner's training checkpoint" in capsys.readouterr().out
+
+
+def test_a_pickle_that_runs_code_is_refused(tiny_vlm, tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    torch.save({"meta": {}, "message_hub": {}, "state_dict": {"projector.model.0.bias": torch.zeros(2)}, "x": Payload()},
+               tmp_path / "iter_1.pth")
+    assert main(["merge", "--base", str(tiny_vlm), "--weights", str(tmp_path / "iter_1.pth"), "--out", str(tmp_path / "o")]) == 2
+    printed = capsys.readouterr().out
+    assert f"{tmp_path / 'iter_1.pth'}: refused: the pickle asks to call builtins.exec" in printed
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_mini_gemini_is_named_never_converted_with_modules_dropped(downloads, tmp_path, capsys):
+    folder = o.mini_gemini(tmp_path, downloads["llm"], downloads["vision"], downloads["llm_state"])
+    assert main(["inspect", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"].startswith("Mini-Gemini checkpoint") and "mgm (auxiliary tower, mining)" in info["components"]
+    out = tmp_path / "out"
+    assert main(["convert", str(folder), "--allow-unused", "--allow-missing", "--out", str(out)]) == 2
+    printed = capsys.readouterr().out
+    assert "a Mini-Gemini checkpoint" in printed and "use the mgm family" in printed and not out.exists()
+    # a LLaVA folder that carries the mining modules is refused the same way, whatever the flags
+    plain = o.llava_stage2(tmp_path / "p", downloads["llm"], downloads["vision"], downloads["llm_state"], with_tower=False)
+    extra = torch.load(plain.folder / "pytorch_model-00002-of-00002.bin", weights_only=True)
+    torch.save({**extra, "model.vlm_uni_query_projector.1.weight": torch.zeros(2, 2)},
+               plain.folder / "pytorch_model-00002-of-00002.bin")
+    index = json.loads((plain.folder / "pytorch_model.bin.index.json").read_text())
+    index["weight_map"]["model.vlm_uni_query_projector.1.weight"] = "pytorch_model-00002-of-00002.bin"
+    (plain.folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert main(["convert", str(plain.folder), "--allow-unused", "--out", str(out)]) == 2
+    assert "use the mgm family" in capsys.readouterr().out and not out.exists()
+
+
+def test_xtuner_transformers_export_and_remote_code(downloads, tmp_path, capsys):
+    original = o.xtuner_pth_to_hf(tmp_path / "x", downloads["llm"], downloads["vision"], downloads["llm_state"])
+    folder = o.xtuner_hf_llava(tmp_path, original)
+    assert main(["convert", str(folder), "--chat-template", "vicuna_v1", "--out", str(tmp_path / "out")]) == 0
+    assert_same_logits(tmp_path / "out", o.Original(folder, llm={k: v.half().float() for k, v in original.llm.items()},
+                                                    tower={k: v.half().float() for k, v in original.tower.items()},
+                                                    projector={k: v.half().float() for k, v in original.projector.items()},
+                                                    layer=original.layer), 1e-4)
+    remote = o.remote_code_folder(tmp_path)
+    capsys.readouterr()
+    assert main(["inspect", str(remote), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "--trust-remote-code" in info["needs"] and info["architecture"] == "MiniCPMV"
+    assert not (remote / "CODE_RAN").exists()
+
+
+def test_training_continues_from_each_original(downloads, tmp_path, color_data, capsys):
+    from vlmtune.config import load_config
+    from vlmtune.training.run import train
+
+    pth, _ = o.xtuner_iter_pth(tmp_path / "pretrain")
+    xtuner = o.xtuner_pth_to_hf(tmp_path / "x", downloads["llm"], downloads["vision"], downloads["llm_state"])
+    models = {kind: {"path": str(originals(kind, downloads, tmp_path / kind).folder)} for kind in ("stage2", "lora", "stage1")}
+    models["xtuner"] = {"path": str(xtuner.folder)}
+    models["xtuner-hf"] = {"path": str(o.xtuner_hf_llava(tmp_path / "hf", xtuner))}
+    models["iter_pth"] = {"vision": str(downloads["vision"]), "llm": str(downloads["llm"]), "weights": str(pth)}
+    for name, model in models.items():
+        capsys.readouterr()
+        cfg = load_config(tree={"model": model, "data": {"train": str(color_data)},
+                                "tune": {"vision": "frozen", "projector": "full", "llm": "lora"},
+                                "train": {"max_steps": 8, "batch_size": 4, "lr": 5e-3, "logging_steps": 2, "save_steps": 0,
+                                          "warmup_ratio": 0.0}, "output": {"dir": str(tmp_path / f"run-{name}")}})
+        result = train(cfg)
+        assert result.final_loss < result.first_loss, name
+        printed = capsys.readouterr().out
+        if name == "xtuner-hf":
+            assert "no chat template" in printed and "data.chat_template" in printed
+        if name == "stage2":
+            assert "chat template: vicuna_v1" in printed
+    shutil.rmtree(tmp_path / "run-stage2")
