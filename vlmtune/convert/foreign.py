@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vlmtune.checkpoints.load import LoadedModel
@@ -47,7 +48,8 @@ def convert_transformers(folder: Path, options: LoadOptions, convert: ConvertOpt
     the family's renames."""
     config = AutoConfig.from_pretrained(folder, trust_remote_code=options.trust_remote_code)
     family = family_for(config, where=str(folder))
-    model = (family.model_class or AutoModelForImageTextToText)._from_config(config)
+    dtype = getattr(torch, options.dtype) if options.dtype else torch.float32  # as the weights are read, not as config says
+    model = (family.model_class or AutoModelForImageTextToText)._from_config(config, dtype=dtype)
     state = {family.canonical_key(k): v for k, v in read_state_dict(folder).items()}
     result = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config.get_text_config(), "tie_word_embeddings", False) else set()

@@ -8,6 +8,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -84,9 +85,14 @@ def apply_state_dict(model: nn.Module, family, source: str | Path) -> set[str]:
                               "(alpha, targets); use the adapter folders (for XTuner: `xtuner convert pth_to_hf`, "
                               "then vlmtune merge --from that folder; or vlmtune merge --llm-adapter)")
     targets = model.state_dict()
+    embeddings = {p.data_ptr() for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
     renamed, unused = {}, []
     for key, tensor in state.items():
         name = family.canonical_key(key)
+        if name in targets and targets[name].data_ptr() in embeddings and tensor.shape[1:] == targets[name].shape[1:] \
+                and tensor.shape[0] < targets[name].shape[0]:
+            # the source's vocabulary without the tokens vlmtune added (`<image>`): those rows keep theirs
+            tensor = torch.cat([tensor.to(targets[name].dtype), targets[name][tensor.shape[0]:]])
         if name not in targets:
             unused.append(key)
         elif tensor.shape != targets[name].shape:

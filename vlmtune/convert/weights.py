@@ -161,7 +161,7 @@ def read_state_dict(path: str | Path, map_location="cpu") -> dict[str, torch.Ten
         states = deepspeed_states(path)
         if states is not None:
             state = read_state_dict(states, map_location)
-            if state and all(t.numel() == 0 for t in state.values() if t.device.type != "meta"):
+            if state and all(t.numel() == 0 for t in state.values()):
                 raise ConversionError(
                     f"{states}: a ZeRO-3 checkpoint, whose weights are split across the optimizer shards; gather "
                     f"them first (DeepSpeed's zero_to_fp32.py {path.parent} out.bin --tag {path.name}) and give that file")

@@ -101,10 +101,12 @@ def _assemble(config: LlavaConfig, vision, llm) -> LlavaForConditionalGeneration
     """The skeleton on the meta device; the loaded parts moved in, the projector initialised."""
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
+    dtype = next(llm.parameters()).dtype
+    if next(vision.parameters()).dtype != dtype:  # a fp16 Vicuna beside a fp32 CLIP: one dtype, the LLM's
+        vision = vision.to(dtype)
     model.model.vision_tower = vision
     model.model.language_model = llm.get_decoder()
     model.lm_head = llm.get_output_embeddings()
-    dtype = next(llm.parameters()).dtype
     model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
     model.model.multi_modal_projector.apply(model._init_weights)
     if config.tie_word_embeddings:
