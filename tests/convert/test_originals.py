@@ -70,6 +70,25 @@ def test_each_original_converts_to_its_logits(downloads, tmp_path, capsys, kind,
     if kind == "stage2":
         assert info["needs_base"]["vision_tower"]["in_checkpoint"] and set(info["components"]) == {"llm", "projector", "vision"}
         assert "float16" in info["components"]["vision"]["dtypes"]
+    if kind == "lora":  # also a base to merge onto
+        assert main(["merge", "--base", str(original.folder), "--out", str(tmp_path / "merged")]) == 0
+        assert_same_logits(tmp_path / "merged", original, 1e-4)
+
+
+def test_model_path_leftovers_name_the_convert_command(downloads, tmp_path):
+    from vlmtune.convert.layouts import load_any
+    from vlmtune.convert.weights import ConversionError
+
+    original = o.llava_stage2(tmp_path, downloads["llm"], downloads["vision"], downloads["llm_state"], with_tower=False)
+    shard = original.folder / "pytorch_model-00002-of-00002.bin"
+    torch.save({**torch.load(shard, weights_only=True), "model.mm_resampler.weight": torch.zeros(2)}, shard)
+    index = json.loads((original.folder / "pytorch_model.bin.index.json").read_text())
+    index["weight_map"]["model.mm_resampler.weight"] = shard.name
+    (original.folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConversionError) as err:
+        load_any(original.folder)
+    assert "1 source tensor(s) not used: model.mm_resampler.weight" in str(err.value)
+    assert f"convert it once with `vlmtune convert {original.folder} --allow-unused --out OUT` and use OUT" in str(err.value)
 
 
 def test_lora_output_names_missing_parts_and_takes_overrides(downloads, tmp_path, capsys):
