@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from vlmtune.models.family import ConversionError
+
+__all__ = ["ConversionError", "read_state_dict", "load_pickle", "deepspeed_states"]
+
 WEIGHT_NAMES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
 DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
-
-
-class ConversionError(ValueError):
-    """A layout that cannot be read, merged or converted; the message names the file or tensor."""
 
 
 class PickleRefused(pickle.UnpicklingError):

@@ -47,6 +47,11 @@ class LoadOptions:
         return out
 
 
+class ConversionError(ValueError):
+    """A layout that cannot be read, merged or converted; the message names the file or tensor and
+    what to do. Raised by the families' layouts and by `vlmtune.convert`."""
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
     """What `vlmtune convert` / `merge` add to a foreign layout's load: parts that are not on disk where

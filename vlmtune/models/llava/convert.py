@@ -19,7 +19,7 @@ from torch import nn
 from transformers import CONFIG_MAPPING, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
 from vlmtune.data.templates import resolve_template
-from vlmtune.models.family import ConvertOptions, LoadOptions
+from vlmtune.models.family import ConversionError, ConvertOptions, LoadOptions
 from vlmtune.models.llava.build import build_from_parts, load_vision
 
 ORIGINAL_TOWER = "model.vision_tower.vision_tower."  # the original repository's CLIPVisionTower wrapper
@@ -59,13 +59,6 @@ CONVERSATION_TEMPLATES = {
 }
 XTUNER_TEMPLATES = {"vicuna": "vicuna_v1", "llama2_chat": "llama_2", "mistral": "mistral_instruct",
                     "internlm2_chat": "chatml", "qwen_chat": "chatml", "chatml": "chatml"}
-
-
-def _error(message: str) -> Exception:
-    """`vlmtune.convert.weights.ConversionError` (imported when raised: it lives a floor above)."""
-    from vlmtune.convert.weights import ConversionError as Error
-
-    return Error(message)
 
 
 def read_state_dict(path):
@@ -126,9 +119,9 @@ def projector_weights(source) -> dict[str, torch.Tensor]:
                 unused.append(key)
     where = "the projector tensors" if isinstance(source, dict) else source
     if unused:
-        raise _error(f"{where}: projector tensor(s) of an unknown layout: {unused[:5]}")
+        raise ConversionError(f"{where}: projector tensor(s) of an unknown layout: {unused[:5]}")
     if not out:
-        raise _error(f"{where}: no projector weights found (expected mm_projector.*, model.0/2.* or multi_modal_projector.*)")
+        raise ConversionError(f"{where}: no projector weights found (expected mm_projector.*, model.0/2.* or multi_modal_projector.*)")
     return out
 
 
@@ -147,9 +140,9 @@ def apply_projector(model: nn.Module, weights: dict[str, torch.Tensor], source: 
         if tensor is None:
             continue
         if name not in targets:
-            raise _error(f"{source}: projector tensor {name} has no place in the model")
+            raise ConversionError(f"{source}: projector tensor {name} has no place in the model")
         if tensor.shape != targets[name].shape:
-            raise _error(
+            raise ConversionError(
                 f"{source}: projector tensor {name} has shape {tuple(tensor.shape)} but the model needs "
                 f"{tuple(targets[name].shape)}; the projector was trained for another vision encoder or LLM width")
         with torch.no_grad():
@@ -188,7 +181,7 @@ def feature_choice(config: dict) -> tuple[int, bool]:
     """(vision layer, drop CLS) from `mm_vision_select_layer` / `mm_vision_select_feature`."""
     feature = config.get("mm_vision_select_feature", "patch")
     if feature not in ("patch", "cls_patch"):
-        raise _error(f"mm_vision_select_feature {feature!r} is not one vlmtune reads (patch, cls_patch)")
+        raise ConversionError(f"mm_vision_select_feature {feature!r} is not one vlmtune reads (patch, cls_patch)")
     return int(config.get("mm_vision_select_layer", -2)), feature == "patch"
 
 
@@ -217,7 +210,7 @@ def text_config(config: dict):
     """The LLM's config from an original-LLaVA config (`llava_llama` -> a Llama config, etc.)."""
     base = str(config.get("model_type", "llava_llama")).removeprefix("llava_") or "llama"
     if base not in CONFIG_MAPPING:
-        raise _error(f"config.json model_type {config.get('model_type')!r}: no transformers LLM named {base!r}")
+        raise ConversionError(f"config.json model_type {config.get('model_type')!r}: no transformers LLM named {base!r}")
     cls = CONFIG_MAPPING[base]
     known = set(cls().to_dict())
     return cls(**{k: v for k, v in config.items() if k in known and k not in ("model_type", "architectures")})
@@ -227,7 +220,7 @@ def local_folder(name, override: Path | None, what: str, flag: str, where: Path)
     """A part the source names (by path or hub id), or the override; it must be a folder here."""
     folder = override or (Path(name) if name else None)
     if folder is None or not (folder / "config.json").is_file():
-        raise _error(f"{where}: its {what} {str(folder or name)!r} is not a model folder here; download it and give "
+        raise ConversionError(f"{where}: its {what} {str(folder or name)!r} is not a model folder here; download it and give "
                      f"{flag} DIR (vlmtune convert {where} {flag} DIR --out OUT, then train from OUT)")
     return folder
 
@@ -247,7 +240,7 @@ def load_tokenizer(folder: Path, options: LoadOptions):
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=options.trust_remote_code)
     except (ImportError, ValueError) as err:
         if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
-            raise _error(f"{folder}/tokenizer.model: a SentencePiece tokenizer, which transformers converts only with "
+            raise ConversionError(f"{folder}/tokenizer.model: a SentencePiece tokenizer, which transformers converts only with "
                          f"sentencepiece and protobuf installed (pip install sentencepiece protobuf); {err}") from None
         raise
 
@@ -261,7 +254,7 @@ def check_accounting(source: str, unused: list[str], unfilled: list[str], conver
 
     computing = [k for k in unused if k.startswith(MGM_MODULES)]
     if computing:
-        raise _error(f"{source}: {MGM_MESSAGE} ({len(computing)} tensors such as {computing[0]})")
+        raise ConversionError(f"{source}: {MGM_MESSAGE} ({len(computing)} tensors such as {computing[0]})")
     return account(source, unused, unfilled, convert)
 
 
@@ -275,7 +268,7 @@ def _compose(folder: Path, config: dict, llm, tokenizer, state: dict, vision: Pa
     from vlmtune.models.llava.family import LLAVA
 
     if config.get("mm_use_im_start_end"):
-        raise _error(f"{folder}/config.json: mm_use_im_start_end is set (image start/end tokens), which vlmtune "
+        raise ConversionError(f"{folder}/config.json: mm_use_im_start_end is set (image start/end tokens), which vlmtune "
                      "does not convert")
     vision_model = load_vision(str(vision), parts_options(options))
     tower = {strip_vision_level(k.removeprefix(ORIGINAL_TOWER)): v for k, v in state.items() if k.startswith(ORIGINAL_TOWER)}
@@ -286,7 +279,7 @@ def _compose(folder: Path, config: dict, llm, tokenizer, state: dict, vision: Pa
     projector = {k: v for k, v in state.items() if "mm_projector" in k}
     unused += [k for k in state if not k.startswith(ORIGINAL_TOWER) and k not in projector]
     if not projector:
-        raise _error(f"{folder}: no projector weights (model.mm_projector.*) in its weight files")
+        raise ConversionError(f"{folder}: no projector weights (model.mm_projector.*) in its weight files")
     weights = projector_weights(projector)
     layer, drop_cls = feature_choice(config)
     template, why = conversation_template(config, folder, convert.chat_template)
@@ -317,7 +310,7 @@ def convert_original(folder: Path, options: LoadOptions = LoadOptions(), convert
     tied = {"lm_head.weight"} if llm.config.tie_word_embeddings else set()
     tokenizer_dir = folder if has_tokenizer(folder) else None
     if tokenizer_dir is None and convert.llm is None:
-        raise _error(f"{folder}: no tokenizer files; copy the LLM's tokenizer into the folder or give --llm LLM_DIR")
+        raise ConversionError(f"{folder}: no tokenizer files; copy the LLM's tokenizer into the folder or give --llm LLM_DIR")
     rest = {k: v for k, v in state.items() if k not in llm_state}
     return _compose(folder, config, llm, load_tokenizer(tokenizer_dir or convert.llm, options), rest, vision, convert,
                     options, list(result.unexpected_keys), [k for k in result.missing_keys if k not in tied],
@@ -398,4 +391,4 @@ def convert_transformers4(folder: Path, options: LoadOptions = LoadOptions(), co
 
 
 def refuse_mgm(folder: Path, *args, **kwargs):
-    raise _error(f"{folder}: {MGM_MESSAGE}")
+    raise ConversionError(f"{folder}: {MGM_MESSAGE}")

@@ -7,7 +7,7 @@ import zipfile
 from collections import defaultdict
 from pathlib import Path
 
-from vlmtune.models.family import ConvertOptions, Layout, LoadOptions
+from vlmtune.models.family import ConversionError, ConvertOptions, Layout, LoadOptions
 from vlmtune.models.llava import convert as original
 from vlmtune.models.llava.merge import is_xtuner_folder, merge_parts, xtuner_config_values, xtuner_parts
 
@@ -133,7 +133,7 @@ def _load_xtuner(path: Path, options: LoadOptions, convert: ConvertOptions = Con
 
 
 def _refuse_checkpoint(path: Path, *args, **kwargs):
-    raise original._error(
+    raise ConversionError(
         f"{path} is XTuner's training checkpoint: a state dict of the trained parts only, not a model. Train from "
         "its base with `model.path: BASE` + `model.weights: " + str(path) + "`, or write one model with "
         f"`vlmtune merge --base BASE --weights {path} --out OUT` (or --llm LLM --vision VISION instead of --base)")

@@ -14,9 +14,9 @@ from pathlib import Path
 from transformers import AutoImageProcessor, AutoModelForCausalLM
 
 from vlmtune.data.templates import resolve_template
-from vlmtune.models.family import LoadOptions
+from vlmtune.models.family import ConversionError, LoadOptions
 from vlmtune.models.llava.build import build_from_parts, load_vision
-from vlmtune.models.llava.convert import (XTUNER_TEMPLATES, _error, apply_projector, llm_key, load_tokenizer,
+from vlmtune.models.llava.convert import (XTUNER_TEMPLATES, apply_projector, llm_key, load_tokenizer,
                                           parts_options, projector_kind, projector_weights, vision_key)
 
 XTUNER_PARTS = ("llm_adapter", "visual_encoder_adapter", "visual_encoder", "xtuner_config.py")
@@ -50,7 +50,7 @@ def is_xtuner_folder(folder: Path) -> bool:
 def xtuner_parts(folder: Path, parts):
     """Fill `parts` from an XTuner folder; explicit `--llm` / `--vision` win over xtuner_config.py."""
     if not is_xtuner_folder(folder):
-        raise _error(f"--from {folder}: not an XTuner folder (expected projector/ and llm_adapter/, "
+        raise ConversionError(f"--from {folder}: not an XTuner folder (expected projector/ and llm_adapter/, "
                      "visual_encoder_adapter/, visual_encoder/ or xtuner_config.py)")
     parts.projector = parts.projector or folder / "projector"
     if (folder / "llm_adapter").is_dir():
@@ -92,10 +92,10 @@ def merge_parts(parts, base=None, options: LoadOptions = LoadOptions()):
     else:
         missing = [name for name in ("llm", "vision") if getattr(parts, name) is None]
         if missing:
-            raise _error(f"no base: give --base, or --llm and --vision (missing: {', '.join('--' + m for m in missing)})")
+            raise ConversionError(f"no base: give --base, or --llm and --vision (missing: {', '.join('--' + m for m in missing)})")
         for name in ("llm", "vision"):
             if not (getattr(parts, name) / "config.json").is_file():
-                raise _error(f"--{name} {getattr(parts, name)} is not a model folder here (no config.json)")
+                raise ConversionError(f"--{name} {getattr(parts, name)} is not a model folder here (no config.json)")
         kind = projector_kind(projector_weights(parts.projector)) if parts.projector is not None else "mlp2x_gelu"
         template = resolve_template(parts.chat_template) if parts.chat_template else None
         loading = parts_options(options)
