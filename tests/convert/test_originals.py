@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -205,3 +206,13 @@ def test_training_continues_from_each_original(downloads, tmp_path, color_data, 
         if name == "stage2":
             assert "chat template: vicuna_v1" in printed
     shutil.rmtree(tmp_path / "run-stage2")
+
+
+def test_a_slow_tokenizer_without_sentencepiece_says_what_to_install(downloads, tmp_path, capsys, monkeypatch):
+    original = o.llava_stage2(tmp_path, downloads["llm"], downloads["vision"], downloads["llm_state"], with_tower=False)
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)
+    monkeypatch.setitem(sys.modules, "google.protobuf", None)
+    assert main(["convert", str(original.folder), "--out", str(tmp_path / "out")]) == 2
+    printed = capsys.readouterr().out
+    assert f"{original.folder / 'tokenizer.model'}: a SentencePiece tokenizer" in printed
+    assert "pip install sentencepiece protobuf" in printed
