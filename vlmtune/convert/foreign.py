@@ -48,7 +48,7 @@ def convert_transformers(folder: Path, options: LoadOptions, convert: ConvertOpt
     the family's renames."""
     config = AutoConfig.from_pretrained(folder, trust_remote_code=options.trust_remote_code)
     family = family_for(config, where=str(folder))
-    dtype = getattr(torch, options.dtype) if options.dtype else torch.float32  # as the weights are read, not as config says
+    dtype = getattr(torch, options.dtype) if options.dtype else torch.float32  # not the dtype the config records
     model = (family.model_class or AutoModelForImageTextToText)._from_config(config, dtype=dtype)
     state = {family.canonical_key(k): v for k, v in read_state_dict(folder).items()}
     result = model.load_state_dict(state, strict=False)
@@ -66,7 +66,8 @@ def convert_transformers(folder: Path, options: LoadOptions, convert: ConvertOpt
                        sources={c: str(folder) for c in family.components}, notes=notes)
 
 
-def convert(source: str | Path, convert: ConvertOptions = ConvertOptions(), options: LoadOptions | None = None) -> LoadedModel:
+def convert(source: str | Path, convert: ConvertOptions = ConvertOptions(),
+            options: LoadOptions | None = None) -> LoadedModel:
     """Recognise `source`'s layout (first match wins) and convert it; the error lists what is supported."""
     source = Path(source)
     options = options or LoadOptions()

@@ -121,7 +121,8 @@ def projector_weights(source) -> dict[str, torch.Tensor]:
     if unused:
         raise ConversionError(f"{where}: projector tensor(s) of an unknown layout: {unused[:5]}")
     if not out:
-        raise ConversionError(f"{where}: no projector weights found (expected mm_projector.*, model.0/2.* or multi_modal_projector.*)")
+        raise ConversionError(f"{where}: no projector weights found (expected mm_projector.*, model.0/2.* or "
+                              "multi_modal_projector.*)")
     return out
 
 
@@ -221,7 +222,7 @@ def local_folder(name, override: Path | None, what: str, flag: str, where: Path)
     folder = override or (Path(name) if name else None)
     if folder is None or not (folder / "config.json").is_file():
         raise ConversionError(f"{where}: its {what} {str(folder or name)!r} is not a model folder here; download it and give "
-                     f"{flag} DIR (vlmtune convert {where} {flag} DIR --out OUT, then train from OUT)")
+                              f"{flag} DIR (vlmtune convert {where} {flag} DIR --out OUT, then train from OUT)")
     return folder
 
 
@@ -241,7 +242,7 @@ def load_tokenizer(folder: Path, options: LoadOptions):
     except (ImportError, ValueError) as err:
         if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
             raise ConversionError(f"{folder}/tokenizer.model: a SentencePiece tokenizer, which transformers converts only with "
-                         f"sentencepiece and protobuf installed (pip install sentencepiece protobuf); {err}") from None
+                                  f"sentencepiece and protobuf installed (pip install sentencepiece protobuf); {err}") from None
         raise
 
 
@@ -269,7 +270,7 @@ def _compose(folder: Path, config: dict, llm, tokenizer, state: dict, vision: Pa
 
     if config.get("mm_use_im_start_end"):
         raise ConversionError(f"{folder}/config.json: mm_use_im_start_end is set (image start/end tokens), which vlmtune "
-                     "does not convert")
+                              "does not convert")
     vision_model = load_vision(str(vision), parts_options(options))
     tower = {strip_vision_level(k.removeprefix(ORIGINAL_TOWER)): v for k, v in state.items() if k.startswith(ORIGINAL_TOWER)}
     if tower:  # the checkpoint carries its (possibly tuned) tower: it wins over the folder's
@@ -293,15 +294,15 @@ def _compose(folder: Path, config: dict, llm, tokenizer, state: dict, vision: Pa
     return LoadedModel(model, processor, LLAVA, folder, "converted", sources=sources, notes=notes)
 
 
-def _weights_only(state: dict) -> tuple[dict, list[str]]:
-    derived = [k for k in state if DERIVED_BUFFERS.search(k)]
-    return {k: v for k, v in state.items() if k not in derived}, derived
+def without_derived(state: dict) -> dict:
+    """The state without buffers transformers recomputes (4.31's rotary `inv_freq`)."""
+    return {k: v for k, v in state.items() if not DERIVED_BUFFERS.search(k)}
 
 
 def convert_original(folder: Path, options: LoadOptions = LoadOptions(), convert: ConvertOptions = ConvertOptions()):
     """A full original-LLaVA folder (`LlavaLlamaForCausalLM`: LLM, projector, sometimes the tower)."""
     config = read_config(folder)
-    state, _ = _weights_only(read_state_dict(folder))
+    state = without_derived(read_state_dict(folder))
     vision = local_folder(config.get("mm_vision_tower"), convert.vision, "vision tower (mm_vision_tower)", "--vision", folder)
     llm = AutoModelForCausalLM.from_config(text_config(config))
     llm_state = {k: v for k, v in state.items() if not k.startswith(("model.mm_projector", "model.vision_tower"))
@@ -332,13 +333,14 @@ def convert_lora_output(folder: Path, options: LoadOptions = LoadOptions(), conv
     trainables = folder / "non_lora_trainables.bin"
     state = read_state_dict(trainables) if trainables.is_file() else {}
     state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
-    llm_state = {k: v for k, v in state.items() if k.startswith(("model.embed_tokens", "model.layers", "model.norm", "lm_head"))}
+    llm_state = {k: v for k, v in state.items() if not k.startswith(("model.mm_projector", "model.vision_tower"))}
+    unused = []
     if llm_state:  # trained outside LoRA (e.g. embeddings): they replace the base's
-        llm.load_state_dict(llm_state, strict=False)
+        unused = list(llm.load_state_dict(llm_state, strict=False).unexpected_keys)
     rest = {k: v for k, v in state.items() if k not in llm_state}
     tokenizer_dir = folder if has_tokenizer(folder) else llm_dir
-    return _compose(folder, config, llm, load_tokenizer(tokenizer_dir, options), rest, vision, convert, options, [], [],
-                    {"projector": str(trainables), "llm": f"{llm_dir} + LoRA {folder} (merged)"})
+    return _compose(folder, config, llm, load_tokenizer(tokenizer_dir, options), rest, vision, convert, options, unused,
+                    [], {"projector": str(trainables), "llm": f"{llm_dir} + LoRA {folder} (merged)"})
 
 
 def convert_stage1(folder: Path, options: LoadOptions = LoadOptions(), convert: ConvertOptions = ConvertOptions()):
@@ -368,7 +370,8 @@ def processor_complete(folder: Path) -> bool:
     return saved.is_file() and bool(json.loads(saved.read_text()).get("patch_size"))
 
 
-def convert_transformers4(folder: Path, options: LoadOptions = LoadOptions(), convert: ConvertOptions = ConvertOptions()):
+def convert_transformers4(folder: Path, options: LoadOptions = LoadOptions(),
+                          convert: ConvertOptions = ConvertOptions()):
     """A transformers LLaVA folder written before the processor recorded its image token count, often
     without a chat template (XTuner's `--save-format huggingface`): the weights through the family's
     renames, the processor completed from the model config, the template given or the default."""

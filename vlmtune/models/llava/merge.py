@@ -51,7 +51,7 @@ def xtuner_parts(folder: Path, parts):
     """Fill `parts` from an XTuner folder; explicit `--llm` / `--vision` win over xtuner_config.py."""
     if not is_xtuner_folder(folder):
         raise ConversionError(f"--from {folder}: not an XTuner folder (expected projector/ and llm_adapter/, "
-                     "visual_encoder_adapter/, visual_encoder/ or xtuner_config.py)")
+                              "visual_encoder_adapter/, visual_encoder/ or xtuner_config.py)")
     parts.projector = parts.projector or folder / "projector"
     if (folder / "llm_adapter").is_dir():
         parts.llm_adapter = parts.llm_adapter or folder / "llm_adapter"
@@ -92,7 +92,8 @@ def merge_parts(parts, base=None, options: LoadOptions = LoadOptions()):
     else:
         missing = [name for name in ("llm", "vision") if getattr(parts, name) is None]
         if missing:
-            raise ConversionError(f"no base: give --base, or --llm and --vision (missing: {', '.join('--' + m for m in missing)})")
+            raise ConversionError("no base: give --base, or --llm and --vision "
+                                  f"(missing: {', '.join('--' + m for m in missing)})")
         for name in ("llm", "vision"):
             if not (getattr(parts, name) / "config.json").is_file():
                 raise ConversionError(f"--{name} {getattr(parts, name)} is not a model folder here (no config.json)")
