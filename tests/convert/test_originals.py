@@ -216,3 +216,32 @@ def test_a_slow_tokenizer_without_sentencepiece_says_what_to_install(downloads, 
     printed = capsys.readouterr().out
     assert f"{original.folder / 'tokenizer.model'}: a SentencePiece tokenizer" in printed
     assert "pip install sentencepiece protobuf" in printed
+
+
+def test_converted_vicuna_model_encodes_exactly_as_its_processor(downloads, tmp_path):
+    """The slow SentencePiece tokenizer, converted, with the Vicuna v1 template: the training ids are the
+    processor's own ids for the whole conversation, and only the answers (with their </s>) are trained."""
+    from conftest import make_image
+    from PIL import Image
+
+    from vlmtune.data.encode import IGNORE, SampleEncoder
+    from vlmtune.data.records import Message, Sample
+    from vlmtune.models.registry import family_named
+
+    original = o.llava_stage2(tmp_path, downloads["llm"], downloads["vision"], downloads["llm_state"], with_tower=False)
+    assert main(["convert", str(original.folder), "--out", str(tmp_path / "out")]) == 0
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    text = lambda t: [{"type": "text", "text": t}]  # noqa: E731
+    sample = Sample("x", "t.jsonl line 1", [
+        Message("user", [{"type": "image"}] + text("What color is the image?")), Message("assistant", text("red")),
+        Message("user", text("Describe the picture.")), Message("assistant", text("It is a plain square."))],
+        [make_image(tmp_path / "a.png", "red")])
+    encoded = SampleEncoder(processor, family_named("llava"), max_length=4096).encode(sample)
+    chat = [m.chat_dict() for m in sample.messages]
+    expected = processor.apply_chat_template(chat, tokenize=True, return_dict=True,
+                                             images=[Image.open(sample.images[0]).convert("RGB")], return_tensors="pt")
+    assert encoded.input_ids == expected["input_ids"][0].tolist()
+    trained = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE]
+    decoded = processor.tokenizer.decode(trained)  # "▁It" keeps its word-start space when decoded alone
+    assert decoded.replace("</s> ", "</s>") == "red</s>It is a plain square.</s>"
+    assert trained.count(processor.tokenizer.eos_token_id) == 2
