@@ -81,11 +81,7 @@ def test_model_path_leftovers_name_the_convert_command(downloads, tmp_path):
     from vlmtune.convert.weights import ConversionError
 
     original = o.llava_stage2(tmp_path, downloads["llm"], downloads["vision"], downloads["llm_state"], with_tower=False)
-    shard = original.folder / "pytorch_model-00002-of-00002.bin"
-    torch.save({**torch.load(shard, weights_only=True), "model.mm_resampler.weight": torch.zeros(2)}, shard)
-    index = json.loads((original.folder / "pytorch_model.bin.index.json").read_text())
-    index["weight_map"]["model.mm_resampler.weight"] = shard.name
-    (original.folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    add_tensor(original, "model.mm_resampler.weight", torch.zeros(2))
     with pytest.raises(ConversionError) as err:
         load_any(original.folder)
     assert "1 source tensor(s) not used: model.mm_resampler.weight" in str(err.value)
@@ -156,14 +152,35 @@ def test_mini_gemini_is_named_never_converted_with_modules_dropped(downloads, tm
     assert "a Mini-Gemini checkpoint" in printed and "use the mgm family" in printed and not out.exists()
     # a LLaVA folder that carries the mining modules is refused the same way, whatever the flags
     plain = o.llava_stage2(tmp_path / "p", downloads["llm"], downloads["vision"], downloads["llm_state"], with_tower=False)
-    extra = torch.load(plain.folder / "pytorch_model-00002-of-00002.bin", weights_only=True)
-    torch.save({**extra, "model.vlm_uni_query_projector.1.weight": torch.zeros(2, 2)},
-               plain.folder / "pytorch_model-00002-of-00002.bin")
-    index = json.loads((plain.folder / "pytorch_model.bin.index.json").read_text())
-    index["weight_map"]["model.vlm_uni_query_projector.1.weight"] = "pytorch_model-00002-of-00002.bin"
-    (plain.folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    add_tensor(plain, "model.vlm_uni_query_projector.1.weight", torch.zeros(2, 2))
     assert main(["convert", str(plain.folder), "--allow-unused", "--out", str(out)]) == 2
     assert "use the mgm family" in capsys.readouterr().out and not out.exists()
+
+
+def add_tensor(original, name, tensor):
+    """One more tensor in a sharded original-LLaVA folder (its shard and the index)."""
+    shard = original.folder / "pytorch_model-00002-of-00002.bin"
+    torch.save({**torch.load(shard, weights_only=True), name: tensor}, shard)
+    index = json.loads((original.folder / "pytorch_model.bin.index.json").read_text())
+    index["weight_map"][name] = shard.name
+    (original.folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+def test_original_llava_16_is_named_never_converted_as_15(downloads, tmp_path, capsys):
+    original = o.llava_stage2(tmp_path, downloads["llm"], downloads["vision"], downloads["llm_state"], with_tower=False)
+    add_tensor(original, "model.image_newline", torch.zeros(o.HIDDEN))
+    out = tmp_path / "out"
+    assert main(["convert", str(original.folder), "--allow-unused", "--out", str(out)]) == 2
+    assert "LLaVA-1.6 (LLaVA-NeXT) checkpoint" in capsys.readouterr().out and not out.exists()
+    config = json.loads((original.folder / "config.json").read_text())
+    config.update(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+                  image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]])
+    (original.folder / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", str(original.folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"].startswith("original-repository LLaVA-1.6") and "image_newline (LLaVA-1.6)" in info["components"]
+    assert main(["convert", str(original.folder), "--allow-unused", "--allow-missing", "--out", str(out)]) == 2
+    assert "llava_next family" in capsys.readouterr().out and not out.exists()
 
 
 def test_xtuner_transformers_export_and_remote_code(downloads, tmp_path, capsys):

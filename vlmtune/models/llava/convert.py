@@ -49,6 +49,13 @@ MGM_MODULES = ("model.vision_tower_aux.", "model.vlm_uni_query_projector.", "mod
                "model.vlm_uni_val_projector.")
 MGM_MESSAGE = ("a Mini-Gemini checkpoint (auxiliary high-resolution tower and patch-info mining modules, which a "
                "LLaVA model does not have: dropping them changes what the model computes); use the mgm family")
+NEXT_MODULES = ("model.image_newline",)
+NEXT_MESSAGE = ("an original-repository LLaVA-1.6 (LLaVA-NeXT) checkpoint (anyres image tiling and the image_newline "
+                "embedding, which LLaVA-1.5 does not have: converting it as LLaVA would change what it computes); vlmtune "
+                "does not convert these folders yet; the llava_next family reads transformers' LLaVA-NeXT folders "
+                "(e.g. llava-hf/llava-v1.6-vicuna-7b-hf)")
+# tensors that compute in a format a LLaVA model cannot hold: never dropped, whatever the flags
+COMPUTING = ((MGM_MODULES, MGM_MESSAGE), (NEXT_MODULES, NEXT_MESSAGE))
 
 # the original repository's conversation modes (`--version` / `conv_mode`) -> vlmtune's built-in templates
 CONVERSATION_TEMPLATES = {
@@ -168,6 +175,12 @@ def is_original_config(config: dict) -> bool:
     return any(key in config for key in ("mm_vision_tower", "mm_projector_type", "mm_hidden_size"))
 
 
+def is_original_next(config: dict) -> bool:
+    """LLaVA-1.6 trained with the original repository: anyres tiling, spatial patch merging."""
+    return "anyres" in str(config.get("image_aspect_ratio", "")) or \
+        str(config.get("mm_patch_merge_type", "flat")).startswith("spatial")
+
+
 def is_mgm(folder: Path) -> bool:
     """A Mini-Gemini folder: its model type, its auxiliary tower, or its mining modules' tensors."""
     if not (folder / "config.json").is_file():
@@ -253,9 +266,10 @@ def check_accounting(source: str, unused: list[str], unfilled: list[str], conver
     modules that compute in the source, whatever the flags."""
     from vlmtune.convert.foreign import check_accounting as account
 
-    computing = [k for k in unused if k.startswith(MGM_MODULES)]
-    if computing:
-        raise ConversionError(f"{source}: {MGM_MESSAGE} ({len(computing)} tensors such as {computing[0]})")
+    for prefixes, message in COMPUTING:
+        computing = [k for k in unused if k.startswith(prefixes)]
+        if computing:
+            raise ConversionError(f"{source}: {message} ({len(computing)} tensor(s) such as {computing[0]})")
     return account(source, unused, unfilled, convert)
 
 
@@ -395,3 +409,7 @@ def convert_transformers4(folder: Path, options: LoadOptions = LoadOptions(),
 
 def refuse_mgm(folder: Path, *args, **kwargs):
     raise ConversionError(f"{folder}: {MGM_MESSAGE}")
+
+
+def refuse_next(folder: Path, *args, **kwargs):
+    raise ConversionError(f"{folder}: {NEXT_MESSAGE}")

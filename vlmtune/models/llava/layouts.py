@@ -60,6 +60,8 @@ def _original_component(key: str) -> str:
         return "projector"
     if key.startswith(original.MGM_MODULES):
         return "mgm (auxiliary tower, mining)"
+    if key.startswith(original.NEXT_MODULES):
+        return "image_newline (LLaVA-1.6)"
     if "vision_tower" in key:
         return "vision"
     return "llm (LoRA)" if "lora_" in key else "llm"
@@ -90,6 +92,10 @@ def is_stage1_output(path: Path) -> bool:
 
 def is_full_original(path: Path) -> bool:
     return _original_folder(path) and not is_lora_output(path) and not is_stage1_output(path) and not original.is_mgm(path)
+
+
+def is_next_folder(path: Path) -> bool:
+    return _original_folder(path) and original.is_original_next(original.read_config(path))
 
 
 def is_mgm_folder(path: Path) -> bool:
@@ -163,9 +169,11 @@ def _describe_original(path: Path) -> dict:
     return info
 
 
-def _describe_mgm(path: Path) -> dict:
+def _describe_refused(path: Path) -> dict:
+    """Mini-Gemini and LLaVA-1.6 folders: what they hold, for a refusal that says why."""
     config = original.read_config(path)
     return {"architecture": (config.get("architectures") or ["?"])[0], "aux_tower": config.get("mm_vision_tower_aux"),
+            "image_aspect_ratio": config.get("image_aspect_ratio"), "mm_patch_merge_type": config.get("mm_patch_merge_type"),
             "components": group(_folder_shapes(path), _original_component), "files": sorted(p.name for p in path.iterdir())}
 
 
@@ -200,8 +208,10 @@ def _describe_checkpoint(path: Path) -> dict:
 
 
 LAYOUTS = (
-    Layout("Mini-Gemini checkpoint", is_mgm_folder, original.refuse_mgm, _describe_mgm,
+    Layout("Mini-Gemini checkpoint", is_mgm_folder, original.refuse_mgm, _describe_refused,
            hint="not convertible to LLaVA: it has modules LLaVA lacks; use the mgm family"),
+    Layout("original-repository LLaVA-1.6 folder (anyres)", is_next_folder, original.refuse_next, _describe_refused,
+           hint="not convertible to LLaVA-1.5: anyres tiling and image_newline; see the llava_next family"),
     Layout("original LLaVA LoRA output (adapter + non_lora_trainables.bin)", is_lora_output, original.convert_lora_output,
            _describe_original, hint="vlmtune convert DIR --out OUT, or model.path: DIR"),
     Layout("original LLaVA stage-1 output (config.json + mm_projector.bin)", is_stage1_output, original.convert_stage1,
