@@ -196,6 +196,11 @@ def test_xtuner_transformers_export_and_remote_code(downloads, tmp_path, capsys)
     assert main(["inspect", str(remote), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert "--trust-remote-code" in info["needs"] and info["architecture"] == "MiniCPMV"
+    from vlmtune.checkpoints.load import ModelLoadError
+    from vlmtune.convert.layouts import load_any
+
+    with pytest.raises(ModelLoadError, match="set `model.trust_remote_code: true` \\(CLI: --trust-remote-code\\)"):
+        load_any(remote)
     assert not (remote / "CODE_RAN").exists()
 
 

@@ -106,7 +106,7 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapt
         return _load_delta(folder, options, components)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not a model folder: it has neither config.json nor adapter_config.json")
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    config = _read_config(folder, trust_remote_code)
     try:
         family = resolve_family(folder, config, components, recorded)
     except ValueError as err:
@@ -121,6 +121,20 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapt
     loaded = LoadedModel(model, processor, family, folder, "full", sources={c: f"{folder}" for c in family.components})
     _explain(loaded, info.get("missing_keys", []), info.get("unexpected_keys", []), info.get("mismatched_keys", []))
     return loaded
+
+
+def _read_config(folder: Path, trust_remote_code: bool):
+    """The folder's config; a folder whose config names its own code is refused unless that code is
+    trusted explicitly (transformers is never left to prompt)."""
+    auto_map = json.loads((folder / "config.json").read_text()).get("auto_map")
+    if auto_map and not trust_remote_code:
+        code = sorted({name for value in auto_map.values() for name in ([value] if isinstance(value, str) else value)
+                       if name})
+        raise ModelLoadError(
+            f"{folder}/config.json names its own code ({', '.join(code)}); loading the "
+            "model runs it. If you trust its author, set `model.trust_remote_code: true` (CLI: --trust-remote-code); "
+            "nothing was run")
+    return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 
 def _explain(loaded: LoadedModel, missing, unexpected, mismatched) -> None:
