@@ -7,6 +7,7 @@ their `mp_rank_00_model_states.pt`."""
 
 from __future__ import annotations
 
+import _compat_pickle
 import json
 import pickle
 import types
@@ -82,6 +83,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Tensors are rebuilt by torch; everything else is data or an inert placeholder; nothing runs."""
 
     def find_class(self, module: str, name: str):
+        # protocol-2 pickles (torch.save's) may carry Python 2 names, as pickle's own find_class maps them
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _TORCH_REBUILDS or (module == "collections" and name == "OrderedDict"):
             return getattr(__import__(module, fromlist=[name]), name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
@@ -93,7 +97,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
             return getattr(__import__("builtins"), name)
         if module.split(".")[0] in _DANGEROUS or module.startswith("torch") and not name[:1].isupper():
-            raise PickleRefused(f"{'builtins' if module == '__builtin__' else module}.{name}")
+            raise PickleRefused(f"{module}.{name}")
         return _placeholder(module, name)
 
 
