@@ -213,7 +213,9 @@ def test_training_continues_from_each_original(downloads, tmp_path, color_data, 
     models = {kind: {"path": str(originals(kind, downloads, tmp_path / kind).folder)} for kind in ("stage2", "lora", "stage1")}
     models["xtuner"] = {"path": str(xtuner.folder)}
     models["xtuner-hf"] = {"path": str(o.xtuner_hf_llava(tmp_path / "hf", xtuner))}
-    models["iter_pth"] = {"vision": str(downloads["vision"]), "llm": str(downloads["llm"]), "weights": str(pth)}
+    deepspeed, _, _ = o.xtuner_deepspeed_dir(tmp_path / "finetune", downloads["llm_state"])
+    for name, weights in (("iter_pth", pth), ("deepspeed", deepspeed)):
+        models[name] = {"vision": str(downloads["vision"]), "llm": str(downloads["llm"]), "weights": str(weights)}
     for name, model in models.items():
         capsys.readouterr()
         cfg = load_config(tree={"model": model, "data": {"train": str(color_data)},
