@@ -10,13 +10,6 @@ from vlmtune.models.family import ConvertOptions, LoadOptions
 from vlmtune.models.registry import layout_for
 
 
-def detect(path: Path) -> str:
-    found = layout_for(path)
-    if found:
-        return found[1].name
-    return "weight file" if path.is_file() else "vlmtune / transformers / PEFT folder"
-
-
 def load_any(path: str | Path, options: LoadOptions | None = None, components: dict | None = None,
              trust_remote_code: bool = False, convert: ConvertOptions | None = None) -> LoadedModel:
     """Load a model from any supported layout, converting foreign ones in memory."""
