@@ -103,6 +103,20 @@ def test_lora_output_names_missing_parts_and_takes_overrides(downloads, tmp_path
                  "--chat-template", "llama_2", "--out", str(out)]) == 0
     assert_same_logits(out, original, 1e-4)
     assert "[INST]" in AutoProcessor.from_pretrained(out).chat_template
+    # its checkpoint-N/ holds only the adapter (the projector is written at the end): said, not a traceback
+    checkpoint = tmp_path / "checkpoint-10"
+    checkpoint.mkdir()
+    for name in ("adapter_model.bin", "adapter_config.json"):
+        shutil.copy(original.folder / name, checkpoint / name)
+    (checkpoint / "adapter_config.json").write_text(json.dumps(adapter))
+    capsys.readouterr()
+    assert main(["inspect", str(checkpoint), "--json"]) == 0
+    assert "a text-only LLM: merge the adapter into a VLM" in json.loads(capsys.readouterr().out)["needs"]
+    from vlmtune.checkpoints.load import ModelLoadError
+    from vlmtune.convert.layouts import load_any
+
+    with pytest.raises(ModelLoadError, match="a text-only LLM .llama., not on a vision-language model; merge it"):
+        load_any(checkpoint)
 
 
 def test_xtuner_training_checkpoints_load_without_running_anything(downloads, tmp_path, capsys):

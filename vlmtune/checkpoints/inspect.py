@@ -126,8 +126,16 @@ def describe(path: str | Path) -> dict:
                            "modules_to_save": adapter.get("modules_to_save")}
         info["needs_base"] = {"path": base, "present": bool(base) and (Path(base) / "config.json").is_file()}
         if family is None and info["needs_base"]["present"]:
-            family = family_for(AutoConfig.from_pretrained(base))
-            info["family"] = family.name
+            base_config, problem = _config(Path(base))
+            try:
+                family = family_for(base_config) if base_config is not None else None
+            except ValueError:
+                problem = (f"its base is a {base_config.model_type} model, not a vision-language family vlmtune knows "
+                           f"(a text-only LLM: merge the adapter into a VLM with vlmtune merge --llm-adapter {path})")
+            if family:
+                info["family"] = family.name
+            else:
+                info["needs"] = problem
     elif (path / DELTA_WEIGHTS).is_file():
         base = (manifest or {}).get("base", {}).get("path")
         info["layout"] = "vlmtune delta (tuned components only)"
