@@ -149,7 +149,7 @@ def test_a_plain_llm_as_model_path_says_where_it_goes(parts, color_data, tmp_pat
                        output={"dir": str(tmp_path / "out")})
     assert main(["train", cfg]) == 2
     out = " ".join(capsys.readouterr().out.split())
-    assert "model type 'llama' is not supported" in out and "XTuner pth_to_hf folder" in out
+    assert "model type 'llama' is not a family vlmtune knows" in out and "XTuner pth_to_hf folder" in out
     assert "give it as `model.llm` together with a vision encoder folder as `model.vision`" in out
 
 
