@@ -48,7 +48,8 @@ DERIVED_BUFFERS = re.compile(r"\.rotary_emb\.inv_freq$")  # transformers 4.31 sa
 MGM_MODULES = ("model.vision_tower_aux.", "model.vlm_uni_query_projector.", "model.vlm_uni_aux_projector.",
                "model.vlm_uni_val_projector.")
 MGM_MESSAGE = ("a Mini-Gemini checkpoint (auxiliary high-resolution tower and patch-info mining modules, which a "
-               "LLaVA model does not have: dropping them changes what the model computes); use the mgm family")
+               "LLaVA model does not have: dropping them changes what the model computes); use the mgm family "
+               "(vlmtune has none yet: until it lands, keep using Mini-Gemini's own code for this model)")
 NEXT_MODULES = ("model.image_newline",)
 NEXT_MESSAGE = ("an original-repository LLaVA-1.6 (LLaVA-NeXT) checkpoint (anyres image tiling and the image_newline "
                 "embedding, which LLaVA-1.5 does not have: converting it as LLaVA would change what it computes); vlmtune "

@@ -172,7 +172,8 @@ def _describe_original(path: Path) -> dict:
 def _describe_refused(path: Path) -> dict:
     """Mini-Gemini and LLaVA-1.6 folders: what they hold, for a refusal that says why."""
     config = original.read_config(path)
-    return {"architecture": (config.get("architectures") or ["?"])[0], "aux_tower": config.get("mm_vision_tower_aux"),
+    return {"family": None,  # recognised by the llava family, but not one it reads
+            "architecture": (config.get("architectures") or ["?"])[0], "aux_tower": config.get("mm_vision_tower_aux"),
             "image_aspect_ratio": config.get("image_aspect_ratio"), "mm_patch_merge_type": config.get("mm_patch_merge_type"),
             "components": group(_folder_shapes(path), _original_component), "files": sorted(p.name for p in path.iterdir())}
 
