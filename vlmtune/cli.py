@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
@@ -44,7 +45,7 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        train(cfg, resume=args.resume_from or (True if args.resume else None))
+        train(cfg, resume=args.resume_from or (True if args.resume else None), force_resume=args.force_resume)
     except TrainingInterrupted as stop:
         command = shlex.join(["vlmtune", "train", args.config, *args.overrides, "--resume"])
         console.print(f"[yellow]interrupted[/] at step {stop.step} of {stop.max_steps}; loss curve: "
@@ -146,7 +147,7 @@ def cmd_inspect(args) -> int:
     from vlmtune.checkpoints.inspect import describe
     from vlmtune.console import console, human_count
 
-    info = describe(args.path)
+    info = describe(args.path, trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -193,11 +194,18 @@ def _write(loaded, out, record) -> int:
     return 0
 
 
+def refuse_existing_out(out, overwrite: bool) -> None:
+    from vlmtune.checkpoints.save import refuse_existing_out as refuse
+
+    refuse(Path(out), overwrite)
+
+
 def cmd_merge(args) -> int:
     from vlmtune.convert.export import check_out
     from vlmtune.convert.merge import Parts, assemble, parts_from
 
     check_out(args.out, folder=True)
+    refuse_existing_out(args.out, args.overwrite)
     paths = {k: Path(v) if v else None for k, v in vars(args).items()
              if k in ("base", "llm", "vision", "llm_adapter", "vision_adapter", "projector", "weights")}
     parts = Parts(**paths)
@@ -213,6 +221,7 @@ def cmd_convert(args) -> int:
     from vlmtune.models.family import ConvertOptions, LoadOptions
 
     check_out(args.out, folder=True)
+    refuse_existing_out(args.out, args.overwrite)
     options = ConvertOptions(vision=Path(args.vision) if args.vision else None, llm=Path(args.llm) if args.llm else None,
                              allow_unused=args.allow_unused, allow_missing=args.allow_missing,
                              chat_template=args.chat_template, command="convert")
@@ -224,6 +233,7 @@ def cmd_export(args) -> int:
     from vlmtune.console import console
     from vlmtune.convert.export import export
 
+    refuse_existing_out(args.out, args.overwrite)
     console.print(f"[green]exported[/] {export(args.model, args.format, args.out, args.dtype)}")
     return 0
 
@@ -246,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. tune.llm=lora train.lr=2e-5")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in output.dir from its newest complete checkpoint")
+                   help="continue the run in output.dir from its newest intact checkpoint")
     p.add_argument("--resume-from", metavar="CHECKPOINT", help="continue the run from this checkpoint folder")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume even if the checkpoint's config, data or base model differ from this run's")
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
@@ -305,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Example: vlmtune inspect runs/stage2/checkpoint-500 --json")
     p.add_argument("path", help="folder or weight file (.safetensors, .bin, .pth)")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model code a folder names in its config (`auto_map`); only for folders you trust")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", help="check hashes, load the model and run one forward pass",
@@ -365,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-images", type=int, default=200, help="held-out images for the accuracy before and after")
     p.add_argument("--seed", type=int, default=0, help="seed for the data, the model and training")
     p.set_defaults(func=cmd_demo)
+
+    for name in ("merge", "convert", "export"):
+        sub.choices[name].add_argument("--overwrite", action="store_true",
+                                       help="replace an existing --out (the old one is deleted only once the new one is complete)")
+    for p in [sub.choices[name] for name in ("train", "generate", "eval", "chat", "inspect", "merge", "export")] + [data.choices["check"]]:
+        p.add_argument("--no-verify", action="store_true",
+                       help="load vlmtune folders without checking their files against vlmtune.json first")
     return parser
 
 
@@ -372,10 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # bitsandbytes (imported by peft when installed) warns at import about an optional CPU kernel package
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    from vlmtune.checkpoints.load import ModelLoadError
+    from vlmtune.checkpoints.load import ModelLoadError, remote_code_refused
+    from vlmtune.checkpoints.manifest import ManifestError, set_load_checks
+    from vlmtune.checkpoints.save import DiskFullError, OutputExistsError
     from vlmtune.config import ConfigError
     from vlmtune.console import console
     from vlmtune.convert.weights import ConversionError
@@ -389,15 +414,21 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    set_load_checks(not getattr(args, "no_verify", False))
     try:
         return args.func(args)
     except (ConfigError, ModelLoadError, ConversionError, FileNotFoundError, FamilyError, PlanError, TemplateError,
-            ImageBlockMismatch) as err:
+            ImageBlockMismatch, ManifestError, DiskFullError, OutputExistsError) as err:
         console.print(f"[red]error:[/] {escape(str(err))}")
         return EXIT_USAGE
     except DataError as err:
         console.print(f"[red]error:[/] {escape(str(err))}")
         return EXIT_BAD_DATA
+    except ValueError as err:
+        if remote_code_refused(err) is None:
+            raise
+        console.print(f"[red]error:[/] {remote_code_refused(err)}")
+        return EXIT_USAGE
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return EXIT_INTERRUPTED

@@ -207,14 +207,9 @@ def test_xtuner_transformers_export_and_remote_code(downloads, tmp_path, capsys)
                                                     layer=original.layer), 1e-4)
     remote = o.remote_code_folder(tmp_path)
     capsys.readouterr()
-    assert main(["inspect", str(remote), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert "--trust-remote-code" in info["needs"] and info["architecture"] == "MiniCPMV"
-    from vlmtune.checkpoints.load import ModelLoadError
-    from vlmtune.convert.layouts import load_any
-
-    with pytest.raises(ModelLoadError, match="set `model.trust_remote_code: true` \\(CLI: --trust-remote-code\\)"):
-        load_any(remote)
+    for command in (["inspect", str(remote)], ["convert", str(remote), "--out", str(tmp_path / "r")]):
+        assert main(command) == 2
+        assert f"{remote} holds its own model code" in capsys.readouterr().out
     assert not (remote / "CODE_RAN").exists()
 
 

@@ -1,13 +1,14 @@
 """`vlmtune inspect`: what a folder or weight file is, without loading the model.
 
-Reads safetensors headers (or a weights-only `torch.load` for .bin/.pth), configs (never running a
-folder's own code), the manifest and the trainer state; groups tensors by component through the
-model family's key names. Foreign layouts are described by the family that registered them.
+Reads safetensors headers (or a weights-only `torch.load` for .bin/.pth), configs, the manifest and
+the trainer state; groups tensors by component through the model family's key names. Foreign
+layouts are described by the family that registered them.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from vlmtune.checkpoints.load import ModelLoadError
-from vlmtune.checkpoints.manifest import read_manifest
+from vlmtune.checkpoints.manifest import ManifestError, check_on_load, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS
 from vlmtune.models.registry import Family, families, family_for, layout_for
 
@@ -30,9 +31,10 @@ def tensor_shapes(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             return {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
     try:
         state = torch.load(file, map_location="meta", weights_only=True)
-    except Exception as err:  # a pickle of more than tensors: inspect reads nothing else
-        raise ModelLoadError(f"{file}: not a weights-only PyTorch file, so inspect does not read it "
-                             f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ManifestError(f"{file} cannot be read as plain weights ({type(err).__name__}: "
+                            f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'damaged'}); "
+                            "it is damaged or holds objects other than tensors") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items() if hasattr(v, "shape")}
@@ -68,20 +70,7 @@ def _foreign(path: Path) -> dict | None:
     return {**info, **(layout.describe(path) if layout.describe else {"components": {}})}
 
 
-def _config(path: Path) -> tuple[object | None, str | None]:
-    """The folder's config, never running its code: remote-code folders are reported, not loaded."""
-    raw = json.loads((path / "config.json").read_text())
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=False), None
-    except (ValueError, OSError, KeyError) as err:
-        if raw.get("auto_map"):
-            return None, (f"config.json names its own code (auto_map {sorted(raw['auto_map'])}); inspect never runs it. "
-                          "Loading this model needs --trust-remote-code (model.trust_remote_code: true), given only "
-                          "if you trust its author")
-        return None, f"config.json does not load with transformers ({type(err).__name__}: {err})"
-
-
-def describe(path: str | Path) -> dict:
+def describe(path: str | Path, trust_remote_code: bool = False) -> dict:
     """A plain-data description of `path` (see the module docstring)."""
     path = Path(path)
     foreign = _foreign(path)
@@ -102,22 +91,18 @@ def describe(path: str | Path) -> dict:
         return info
     if not path.is_dir():
         raise ModelLoadError(f"{path} does not exist")
+    check_on_load(path)
     info: dict = {"path": str(path)}
     manifest = read_manifest(path)
     family = None
     if (path / "config.json").is_file():
-        config, problem = _config(path)
-        if config is None:
-            raw = json.loads((path / "config.json").read_text())
-            info["architecture"] = (raw.get("architectures") or [raw.get("model_type", "?")])[0]
-            info["needs"] = problem
-        else:
-            info["architecture"] = (config.architectures or [config.model_type])[0]
-            try:
-                family = family_for(config)
-                info["family"] = family.name
-            except ValueError:
-                pass
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        info["architecture"] = (config.architectures or [config.model_type])[0]
+        try:
+            family = family_for(config)
+            info["family"] = family.name
+        except ValueError:
+            pass
     if (path / "adapter_config.json").is_file():
         adapter = json.loads((path / "adapter_config.json").read_text())
         base = adapter.get("base_model_name_or_path")
@@ -126,16 +111,14 @@ def describe(path: str | Path) -> dict:
                            "modules_to_save": adapter.get("modules_to_save")}
         info["needs_base"] = {"path": base, "present": bool(base) and (Path(base) / "config.json").is_file()}
         if family is None and info["needs_base"]["present"]:
-            base_config, problem = _config(Path(base))
+            base_config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
             try:
-                family = family_for(base_config) if base_config is not None else None
-            except ValueError:
-                problem = (f"its base is a {base_config.model_type} model, not a vision-language family vlmtune knows "
-                           f"(a text-only LLM: merge the adapter into a VLM with vlmtune merge --llm-adapter {path})")
-            if family:
+                family = family_for(base_config)
                 info["family"] = family.name
-            else:
-                info["needs"] = problem
+            except ValueError:
+                info["needs"] = (f"its base is a {base_config.model_type} model, not a vision-language family vlmtune "
+                                 f"knows (a text-only LLM: merge the adapter into a VLM with vlmtune merge "
+                                 f"--llm-adapter {path})")
     elif (path / DELTA_WEIGHTS).is_file():
         base = (manifest or {}).get("base", {}).get("path")
         info["layout"] = "vlmtune delta (tuned components only)"

@@ -4,17 +4,20 @@ say where each component's weights came from."""
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from vlmtune.checkpoints.manifest import model_fingerprint, read_manifest
+from vlmtune.checkpoints.manifest import ManifestError, check_on_load, model_fingerprint, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS
-from vlmtune.models.family import Family, LoadOptions, custom_family
+from vlmtune.models.family import Family, FamilyError, LoadOptions, custom_family
 from vlmtune.models.registry import family_for
 
 
@@ -26,6 +29,13 @@ FOLDERS_THAT_WORK = ("A model path takes a vision-language model folder (vlmtune
                      "adapter or delta folder, an XTuner pth_to_hf folder or an original LLaVA folder.")
 PLAIN_LLM = (" This folder holds a language model without a vision encoder: to build a new VLM from it, give it as "
              "`model.llm` together with a vision encoder folder as `model.vision` (stage 1).")
+def remote_code_refused(err: BaseException) -> str | None:
+    """transformers' refusal to run a folder's own code (trust_remote_code off), in one sentence."""
+    found = re.search(r"repository (\S+) (?:contains|references) custom code", str(err))
+    if not isinstance(err, ValueError) or not found:
+        return None
+    return (f"{found[1]} holds its own model code (named by `auto_map` in its config), which vlmtune does not run "
+            "unless told to: if you trust the folder, pass --trust-remote-code (train: model.trust_remote_code=true)")
 
 
 @dataclass
@@ -90,23 +100,43 @@ def resolve_family(folder: Path, config, components: dict[str, list[str]] | None
 
 def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapters: bool = True,
                options: LoadOptions | None = None, components: dict[str, list[str]] | None = None,
-               recorded: dict[str, list[str]] | None = None) -> LoadedModel:
-    """Load `path` for training or inference; adapters are applied to their base (merged by default)."""
+               recorded: dict[str, list[str]] | None = None, check: bool = True) -> LoadedModel:
+    """Load `path` for training or inference; adapters are applied to their base (merged by default).
+
+    A vlmtune folder is first checked against its manifest (`check_on_load`; `check=False` when the
+    caller has just hashed it); what still fails to load is one sentence naming the folder."""
     options = options or LoadOptions(trust_remote_code=trust_remote_code)
-    trust_remote_code = options.trust_remote_code
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"model path {folder} is not a folder")
     if options.quantize and ((folder / "adapter_config.json").is_file() or (folder / DELTA_WEIGHTS).is_file()):
         raise ModelLoadError(f"{folder} is an adapter or delta; `tune.quantize` loads a full model folder quantized: "
                              "merge it first (vlmtune merge / vlmtune export --format hf) or drop tune.quantize")
+    try:
+        if check:
+            check_on_load(folder)
+        return _load(folder, options, merge_adapters, components, recorded)
+    except (ModelLoadError, FamilyError):
+        raise
+    except ManifestError as err:
+        raise ModelLoadError(str(err)) from None
+    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError, SafetensorError) as err:
+        if remote_code_refused(err):
+            raise ModelLoadError(remote_code_refused(err)) from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ModelLoadError(f"{folder}: the model cannot be loaded ({type(err).__name__}: {first[:300]}); "
+                             f"run `vlmtune verify {folder}` to find the damaged file") from None
+
+
+def _load(folder: Path, options: LoadOptions, merge_adapters: bool, components, recorded) -> LoadedModel:
+    trust_remote_code = options.trust_remote_code
     if (folder / "adapter_config.json").is_file():
         return _load_adapter(folder, options, merge_adapters, components)
     if (folder / DELTA_WEIGHTS).is_file():
         return _load_delta(folder, options, components)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not a model folder: it has neither config.json nor adapter_config.json")
-    config = _read_config(folder, trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     try:
         family = resolve_family(folder, config, components, recorded)
     except ValueError as err:
@@ -121,20 +151,6 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapt
     loaded = LoadedModel(model, processor, family, folder, "full", sources={c: f"{folder}" for c in family.components})
     _explain(loaded, info.get("missing_keys", []), info.get("unexpected_keys", []), info.get("mismatched_keys", []))
     return loaded
-
-
-def _read_config(folder: Path, trust_remote_code: bool):
-    """The folder's config; a folder whose config names its own code is refused unless that code is
-    trusted explicitly (transformers is never left to prompt)."""
-    auto_map = json.loads((folder / "config.json").read_text()).get("auto_map")
-    if auto_map and not trust_remote_code:
-        code = sorted({name for value in auto_map.values() for name in ([value] if isinstance(value, str) else value)
-                       if name})
-        raise ModelLoadError(
-            f"{folder}/config.json names its own code ({', '.join(code)}); loading the "
-            "model runs it. If you trust its author, set `model.trust_remote_code: true` (CLI: --trust-remote-code); "
-            "nothing was run")
-    return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 
 def _explain(loaded: LoadedModel, missing, unexpected, mismatched) -> None:

@@ -105,6 +105,10 @@ class DataConfig(Section):
     downscale_large_images: bool = Field(
         False, description="Downscale images larger than `data.max_image_pixels` when they load instead of refusing them."
     )
+    confine_images: bool = Field(
+        False, description="Refuse any image outside `data.images_root` (or each data file's folder): "
+        "no `../`, absolute paths or symlinks leading out."
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod

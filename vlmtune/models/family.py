@@ -165,9 +165,14 @@ class Family:
         return found[0] if found else None
 
 
+def model_type_is(name: str) -> Callable[[Any], bool]:
+    """The usual `matches`: a config of this `model_type`."""
+    return lambda config: getattr(config, "model_type", None) == name
+
+
 def custom_family(model_type: str, components: dict[str, list[str]]) -> Family:
     """A model vlmtune has no family for, with the component map the user gave in `model.components`
     (module-path prefixes); it loads through `AutoModelForImageTextToText` and the processor's protocol."""
     return Family(name=f"custom ({model_type})", components={c: tuple(p) for c, p in components.items()},
-                  matches=lambda config: getattr(config, "model_type", None) == model_type)
+                  matches=model_type_is(model_type))
 

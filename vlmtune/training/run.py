@@ -15,8 +15,16 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging as hf_logging
 
 from vlmtune.checkpoints.load import LoadedModel
-from vlmtune.checkpoints.manifest import data_fingerprint, model_fingerprint, read_manifest
-from vlmtune.checkpoints.save import DELTA_WEIGHTS, STAGING, save_model_folder
+from vlmtune.checkpoints.manifest import MANIFEST, ManifestError, data_fingerprint, model_fingerprint, read_manifest
+from vlmtune.checkpoints.save import (
+    DELTA_WEIGHTS,
+    STAGING,
+    disk_full_error,
+    is_disk_full,
+    model_bytes,
+    remove_tree,
+    save_model_folder,
+)
 from vlmtune.checkpoints.verify import verify
 from vlmtune.config import ConfigError, RunConfig
 from vlmtune.config.paths import check_paths
@@ -27,16 +35,19 @@ from vlmtune.console import console, plan_table
 from vlmtune.data.check import SKIPPED_FILE, DataReport, check_data, encode_checked, write_problems
 from vlmtune.data.dataset import ConversationDataset, collator_for
 from vlmtune.data.encode import SampleEncoder
-from vlmtune.data.records import DataError
+from vlmtune.data.records import DataError, Problem
 from vlmtune.models.family import LoadOptions
 from vlmtune.models.registry import builder
 from vlmtune.training.checkpointing import (
+    LOCK,
     CompleteCheckpoints,
     clean_staging,
     complete_checkpoints,
+    hold_output_dir,
     latest_checkpoint,
     restore_full_weights,
     resume_point,
+    run_differences,
 )
 from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, StepLines, plot_loss, read_log, truncate_log
 from vlmtune.tuning.plan import TuningPlan
@@ -73,11 +84,55 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"`output.dir`: {out} already exists and is not empty; choose a new folder or set output.overwrite=true"
-        )
+RUN_ENTRIES = {LOG_FILE, PLOT_FILE, "runs", BASE_DIR, MERGED_DIR, STAGING, MANIFEST, SKIPPED_FILE}
+MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "*.bin", "*.model", "*.tiktoken", "merges.txt", "vocab.txt", "README.md")
+
+
+def check_output_dir(out: Path, cfg: RunConfig) -> list[Path]:
+    """What `output.overwrite` will remove before training: an earlier run's files. Refuses a non-empty
+    folder without it (naming the command that continues the earlier run), anything that is not an
+    earlier run's file, and a folder that holds the run's own model or data."""
+    entries = sorted(p for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+    if not entries:
+        return []
+    checkpoints = [p.name for p in complete_checkpoints(out)]
+    names = {p.name for p in entries}
+    is_run = bool(checkpoints or names & {LOG_FILE, MANIFEST, STAGING} or any(n.startswith("checkpoint-") for n in names))
+    if not cfg.output.overwrite:
+        if checkpoints:
+            raise ConfigError(f"`output.dir`: {out} holds an earlier run (newest {checkpoints[-1]}); continue it with "
+                              "`vlmtune train CONFIG --resume`, or set output.overwrite=true to replace it")
+        if is_run and MANIFEST not in names:
+            raise ConfigError(f"`output.dir`: {out} holds what an interrupted run left (no complete checkpoint); "
+                              "start it again with `vlmtune train CONFIG output.overwrite=true`")
+        raise ConfigError(f"`output.dir`: {out} already exists and is not empty; choose a new folder or set "
+                          "output.overwrite=true (it replaces an earlier run's files)")
+    try:
+        listed = {Path(n).parts[0] for n in (read_manifest(out) or {}).get("files", {})}
+    except ManifestError:
+        listed = set()
+    foreign = [p.name for p in entries if not (
+        p.name in RUN_ENTRIES or p.name in listed or p.name.startswith("checkpoint-")
+        or (is_run and p.is_file() and any(p.match(pattern) for pattern in MODEL_FILES)))]
+    if foreign:
+        raise ConfigError(f"`output.overwrite`: {out} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
+                          "which no vlmtune run wrote; move it away or choose another output.dir")
+    m, d = cfg.model, cfg.data
+    inputs = [m.path, m.vision, m.llm, m.projector_weights, m.weights, d.images_root, *d.train, *d.eval]
+    inside = [p for p in inputs if p and Path(p).resolve().is_relative_to(out.resolve())]
+    if inside:
+        raise ConfigError(f"`output.overwrite`: {out} holds this run's own input {inside[0]}; replacing the folder "
+                          "would delete it, so choose another output.dir")
+    return entries
+
+
+def clear_earlier_run(out: Path, entries: list[Path]) -> None:
+    """`output.overwrite`: the new run starts from an empty folder. The manifest goes first, so a kill
+    midway never leaves a folder that looks complete."""
+    for entry in sorted(entries, key=lambda p: p.name != MANIFEST):
+        remove_tree(entry)
+    if entries:
+        console.print(f"output.overwrite: removed the earlier run's {len(entries)} file(s) and folder(s) from {out}")
 
 
 def refuse_bad_data(report: DataReport, cfg: RunConfig, role: str) -> None:
@@ -87,6 +142,21 @@ def refuse_bad_data(report: DataReport, cfg: RunConfig, role: str) -> None:
             f"{role} data: {report.bad} bad sample(s), {len(report.problems)} problem(s); fix them "
             "(see `vlmtune data check`) or set data.skip_bad=true to skip those samples",
         )
+
+
+def confine_images(report: DataReport, roots: list[str]) -> None:
+    """`data.confine_images`: a sample whose image resolves (symlinks followed) outside every root
+    becomes a problem naming the sample."""
+    resolved = [Path(root).resolve() for root in roots]
+    kept = []
+    for sample in report.samples:
+        outside = [image for image in sample.images if not any(image.resolve().is_relative_to(r) for r in resolved)]
+        if outside:
+            report.problems.append(Problem(sample.where, sample.id, f"image {outside[0]} is outside "
+                                           f"{' and '.join(map(str, resolved))} (data.confine_images=true)"))
+        else:
+            kept.append(sample)
+    report.samples = kept
 
 
 def prepare_data(report: DataReport, cfg: RunConfig, encoder: SampleEncoder, role: str) -> DataReport:
@@ -201,11 +271,18 @@ def components_record(plan: TuningPlan, model, files: dict[str, list[str]]) -> d
             for row in plan.rows(model)}
 
 
-def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
-    """Run one training job described by `cfg`; returns where the model went and how the loss moved."""
+def train(cfg: RunConfig, resume: str | bool | None = None, force_resume: bool = False) -> TrainResult:
+    """Run one training job described by `cfg`; returns where the model went and how the loss moved.
+
+    The run holds `output.dir` from start to end: a second run on the same folder is refused."""
+    out = Path(cfg.output.dir)
+    with hold_output_dir(out):
+        return _train_holding_output_dir(cfg, out, resume, force_resume)
+
+
+def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | None, force_resume: bool) -> TrainResult:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    out = Path(cfg.output.dir)
     precision = resolve_precision(cfg.train.precision)
     if cfg.train.tensorboard:
         if importlib.util.find_spec("tensorboard") is None:
@@ -214,15 +291,16 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
     check_paths(cfg)
     resume = resume if resume is not None else cfg.train.resume
     try:
-        checkpoint = resume_point(out, resume)
+        checkpoint = resume_point(out, resume, say=lambda line: console.print(f"[yellow]{line}[/]"))
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
-    if checkpoint is None:
-        check_output_dir(out, cfg.output.overwrite)
+    earlier = check_output_dir(out, cfg) if checkpoint is None else []
     # the checks that need no model come first: broken data fails fast, before any weights load
     reports = {role: check_data(files, cfg.data.images_root, cfg.data.max_image_pixels, cfg.data.downscale_large_images)
                for role, files in (("train", cfg.data.train), ("eval", cfg.data.eval)) if files}
     for role, report in reports.items():
+        if cfg.data.confine_images:
+            confine_images(report, [cfg.data.images_root] if cfg.data.images_root else [str(Path(f).parent) for f in report.files])
         refuse_bad_data(report, cfg, role)
 
     set_seed(cfg.train.seed)
@@ -236,11 +314,22 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
         loaded.processor.chat_template = encoder.renderer.template
     train_data = prepare_data(reports["train"], cfg, encoder, "train")
     eval_data = prepare_data(reports["eval"], cfg, encoder, "eval") if "eval" in reports else None
+    # what this run is: compared with a checkpoint's before anything in output.dir (e.g. base/) is rewritten
+    identity = {"config": cfg.model_dump(), "data": {"fingerprint": data_fingerprint(cfg.data.train)},
+                "source": base_record(loaded, None)}
     if checkpoint is not None:
+        differences = run_differences(read_manifest(checkpoint), identity)
+        if differences and not force_resume:
+            raise ConfigError(f"--resume: {checkpoint} belongs to another run ({'; '.join(differences)}); resume with the "
+                              "config that wrote it, or pass --force-resume to continue from it anyway")
+        if differences:
+            console.print(f"[yellow]--force-resume: continuing from {checkpoint} although {'; '.join(differences)}[/]")
         refuse_finished_run(checkpoint, out, planned_steps(cfg, len(train_data.encoded)))
 
     out.mkdir(parents=True, exist_ok=True)
-    clean_staging(out)
+    clear_earlier_run(out, earlier)
+    for line in clean_staging(out):
+        console.print(line)
     if any(report.problems for report in reports.values()):
         write_problems(out / SKIPPED_FILE, {role: report.problems for role, report in reports.items()})
     plan = TuningPlan(cfg.tune, loaded.family, cfg.train.lr)
@@ -253,12 +342,12 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
                       "modules beside its LoRA weights (train without LoRA to tune them)")
 
     record = {"family": loaded.family.name, "family_components": {c: list(p) for c, p in loaded.family.components.items()},
-              "base": base_record(loaded, base_path), "plan": plan.describe(),
-              "data": {"train": cfg.data.train, "eval": cfg.data.eval, "fingerprint": data_fingerprint(cfg.data.train),
+              "base": base_record(loaded, base_path), "source": identity["source"], "plan": plan.describe(),
+              "data": {"train": cfg.data.train, "eval": cfg.data.eval, "fingerprint": identity["data"]["fingerprint"],
                        "train_samples": len(train_data.encoded), "skipped": train_data.bad,
                        "truncated": train_data.truncated,
                        "skipped_list": SKIPPED_FILE if any(r.problems for r in reports.values()) else None},
-              "config": cfg.model_dump()}
+              "config": identity["config"]}
 
     weights = "adapter_model.safetensors" if plan.uses_lora else "model.safetensors"
     files = {"*": [weights], "frozen": [f"base: {base_path}"] if plan.uses_lora else [weights]}  # per mode
@@ -303,6 +392,12 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
         clean_staging(out)
         plot_loss(out / LOG_FILE, out / PLOT_FILE)
         raise TrainingInterrupted(trainer.state.global_step, trainer.state.max_steps, latest_checkpoint(out)) from None
+    except Exception as err:  # torch, safetensors and the OS each report a full disk their own way
+        if not is_disk_full(err):
+            raise
+        clean_staging(out)  # the half-written checkpoint
+        trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+        raise disk_full_error(out, model_bytes(model) + 2 * trainable, err) from None
 
     final = checkpoint_record(trainer.state)
     delta_keys = None
@@ -310,7 +405,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
         tuned = {c for c in plan.components if plan.mode(c) != "frozen"}
         delta_keys = {k for k in model.state_dict() if plan.component_of(k) in tuned}
         final["components"] = components_record(plan, model, {"*": [DELTA_WEIGHTS], "frozen": [f"base: {base_path}"]})
-    save_model_folder(model, loaded.processor, out, final, delta_keys=delta_keys)
+    save_model_folder(model, loaded.processor, out, final, delta_keys=delta_keys, run_folder=True)
     if plan.uses_lora and cfg.output.merge:
         save_model_folder(model.merge_and_unload(), loaded.processor, out / MERGED_DIR,
                           {**final, "components": components_record(plan, model, {"*": ["model.safetensors"]}),

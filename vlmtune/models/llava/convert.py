@@ -300,7 +300,8 @@ def _compose(folder: Path, config: dict, llm, tokenizer, state: dict, vision: Pa
     layer, drop_cls = feature_choice(config)
     template, why = conversation_template(config, folder, convert.chat_template)
     model, processor = build_from_parts(
-        vision_model, AutoImageProcessor.from_pretrained(vision), llm, tokenizer, projector_kind(weights),
+        vision_model, AutoImageProcessor.from_pretrained(vision, trust_remote_code=options.trust_remote_code), llm,
+        tokenizer, projector_kind(weights),
         vision_feature_layer=layer, drop_cls=drop_cls, chat_template=resolve_template(template))
     apply_projector(model, weights, f"{folder} model.mm_projector")
     notes = check_accounting(str(folder), unused, unfilled, convert)

@@ -101,7 +101,8 @@ def merge_parts(parts, base=None, options: LoadOptions = LoadOptions()):
         template = resolve_template(parts.chat_template) if parts.chat_template else None
         loading = parts_options(options)
         model, processor = build_from_parts(
-            load_vision(str(parts.vision), loading), AutoImageProcessor.from_pretrained(parts.vision),
+            load_vision(str(parts.vision), loading),
+            AutoImageProcessor.from_pretrained(parts.vision, trust_remote_code=options.trust_remote_code),
             AutoModelForCausalLM.from_pretrained(parts.llm, **loading.kwargs()), load_tokenizer(parts.llm, options),
             kind, vision_feature_layer=parts.feature_layer if parts.feature_layer is not None else -2,
             chat_template=template)
