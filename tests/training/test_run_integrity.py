@@ -101,23 +101,25 @@ def test_resume_skips_a_damaged_checkpoint_saying_so_and_refuses_missing_trainer
     data[-100] ^= 0x01
     weights.write_bytes(bytes(data))
     capsys.readouterr()
-    assert main(["train", str(config), "--resume"]) == 0
+    # the run finished at step 4; it goes on to step 6 (a resume may raise max_steps)
+    assert main(["train", str(config), "train.max_steps=6", "--resume"]) == 0
     printed = capsys.readouterr().out
     assert (f"resuming from checkpoint-2 instead: checkpoint-4 is damaged ({weights}: sha256 differs from vlmtune.json"
             in printed)
     assert f"resuming from {out / 'checkpoint-2'}" in printed
-    assert [json.loads(line)["step"] for line in (out / "trainer_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in (out / "trainer_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     assert main(["verify", str(out / "checkpoint-4")]) == 0  # saved again by the resumed run
 
+    (out / "checkpoint-6" / "optimizer.pt").unlink()
     (out / "checkpoint-4" / "optimizer.pt").unlink()
     (out / "checkpoint-2" / "scheduler.pt").unlink()
     capsys.readouterr()
-    assert main(["train", str(config), "--resume"]) == 2
-    assert (f"--resume: no checkpoint in {out} is intact: checkpoint-4 is damaged ({out / 'checkpoint-4' / 'optimizer.pt'}: "
-            f"missing (the trainer state needs it)); checkpoint-2 is damaged ({out / 'checkpoint-2' / 'scheduler.pt'}: "
-            "missing" in capsys.readouterr().out)
-    assert main(["train", str(config), f"train.resume={out / 'checkpoint-4'}"]) == 2
-    assert f"cannot resume from it: {out / 'checkpoint-4' / 'optimizer.pt'}: missing" in capsys.readouterr().out
+    assert main(["train", str(config), "train.max_steps=8", "--resume"]) == 2
+    assert (f"--resume: no checkpoint in {out} is intact: checkpoint-6 is damaged ({out / 'checkpoint-6' / 'optimizer.pt'}: "
+            f"missing (the trainer state needs it)); checkpoint-4 is damaged ({out / 'checkpoint-4' / 'optimizer.pt'}: "
+            "missing" in " ".join(capsys.readouterr().out.split()))
+    assert main(["train", str(config), "train.max_steps=8", f"train.resume={out / 'checkpoint-4'}"]) == 2
+    assert f"cannot resume from it: {out / 'checkpoint-4' / 'optimizer.pt'}: missing" in " ".join(capsys.readouterr().out.split())
 
 
 def test_kill_while_pruning_leaves_no_half_deleted_checkpoint(tiny_vlm, color_data, tmp_path):
