@@ -182,7 +182,7 @@ def load_or_build(cfg: RunConfig) -> LoadedModel:
     if m.path:
         loaded = load_any(m.path, options=options, components=m.components)
     elif m.projector_weights:
-        loaded = assemble(Parts(llm=Path(m.llm), vision=Path(m.vision), projector=Path(m.projector_weights)))
+        loaded = assemble(Parts(llm=Path(m.llm), vision=Path(m.vision), projector=Path(m.projector_weights)), options)
     else:
         family = builder(m.family)
         family.check_requirements()
@@ -201,7 +201,9 @@ def load_options(cfg: RunConfig) -> LoadOptions:
     q = cfg.tune.quant
     quantize = ((4 if cfg.tune.quantize == "4bit" else 8), q.type, q.double_quant, q.compute_dtype,
                 tuple(q.components)) if cfg.tune.quantize else None
-    return LoadOptions(trust_remote_code=m.trust_remote_code, dtype=m.dtype, attn_implementation=m.attn_implementation,
+    # as `model.dtype` documents: as saved, but float32 on CPU (a fp16 Vicuna does not train there)
+    dtype = m.dtype or (None if torch.cuda.is_available() else "float32")
+    return LoadOptions(trust_remote_code=m.trust_remote_code, dtype=dtype, attn_implementation=m.attn_implementation,
                        quantize=quantize)
 
 
