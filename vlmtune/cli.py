@@ -231,8 +231,9 @@ def cmd_convert(args) -> int:
 
 def cmd_export(args) -> int:
     from vlmtune.console import console
-    from vlmtune.convert.export import export
+    from vlmtune.convert.export import check_out, export
 
+    check_out(args.out, folder=args.format == "hf")  # the wrong kind of --out is named before --overwrite matters
     refuse_existing_out(args.out, args.overwrite)
     console.print(f"[green]exported[/] {export(args.model, args.format, args.out, args.dtype)}")
     return 0
