@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vlmtune.checkpoints.manifest import ManifestError, check_on_load, model_fingerprint, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS
-from vlmtune.models.family import Family, FamilyError, LoadOptions, custom_family
+from vlmtune.models.family import ConvertOptions, Family, FamilyError, LoadOptions, custom_family
 from vlmtune.models.registry import family_for, layout_for
 
 
@@ -138,7 +138,7 @@ def _load(folder: Path, options: LoadOptions, merge_adapters: bool, components, 
         raise ModelLoadError(f"{folder} is not a model folder: it has neither config.json nor adapter_config.json")
     found = layout_for(folder)  # a family's own layout (e.g. MiniCPM-V 2.x), also as an adapter's base
     if found and components is None:
-        return found[1].load(folder, options)
+        return found[1].load(folder, options, ConvertOptions())
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     try:
         family = resolve_family(folder, config, components, recorded)
@@ -177,8 +177,15 @@ def _load_adapter(folder: Path, options: LoadOptions, merge: bool, components=No
     from peft import PeftModel
 
     adapter = json.loads((folder / "adapter_config.json").read_text())
-    base = load_model(_base_folder(folder, adapter.get("base_model_name_or_path"), "adapter_config.json"),
-                      options=options, components=components, recorded=recorded_components(folder))
+    base_path = _base_folder(folder, adapter.get("base_model_name_or_path"), "adapter_config.json")
+    base_config = json.loads((base_path / "config.json").read_text())
+    if adapter.get("task_type") == "CAUSAL_LM" and "vision_config" not in base_config and components is None \
+            and not (base_path / "vlmtune.json").is_file():
+        raise ModelLoadError(
+            f"{folder} is a LoRA adapter on {base_path}, a text-only LLM ({base_config.get('model_type')}), not on a "
+            f"vision-language model; merge it into one with `vlmtune merge --base VLM --llm-adapter {folder} --out OUT` "
+            "(or --llm LLM --vision VISION --projector P instead of --base)")
+    base = load_model(base_path, options=options, components=components, recorded=recorded_components(folder))
     model = PeftModel.from_pretrained(base.model, folder)
     lora, full = set(), set()
     for name, module in model.named_modules():

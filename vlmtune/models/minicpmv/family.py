@@ -55,16 +55,23 @@ def is_minicpmv_folder(path: Path) -> bool:
             and auto_map.get("AutoConfig") != "configuration_minicpmv.MiniCPMVConfig")
 
 
-def load_minicpmv(path, options: LoadOptions = LoadOptions()):
+def load_minicpmv(path, options: LoadOptions = LoadOptions(), convert=None):
+    """(`convert`'s options name parts of other layouts; an OpenBMB folder is complete.)"""
     from vlmtune.models.minicpmv.load import load_folder
 
     return load_folder(Path(path), options)
 
 
 def describe(path: Path) -> dict:
+    from vlmtune.checkpoints.inspect import _group, tensor_shapes
+
     config = _config(path)
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(tensor_shapes(file))
     return {"version": config.get("version"), "query_num": config.get("query_num"),
-            "slice_config": config.get("slice_config"), "llm": "qwen2" if float(config.get("version", 2.6)) >= 2.6 else "llama"}
+            "slice_config": config.get("slice_config"), "llm": "qwen2" if float(config.get("version", 2.6)) >= 2.6 else "llama",
+            "components": _group(tensors, MINICPMV), "files": sorted(p.name for p in path.iterdir())}
 
 
 register_auto_classes()
