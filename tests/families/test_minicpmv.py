@@ -18,9 +18,10 @@ from families.minicpmv_tiny import build_original
 from vlmtune.checkpoints.load import load_model
 from vlmtune.cli import main
 from vlmtune.config import load_config
-from vlmtune.convert.layouts import detect, load_any
+from vlmtune.convert.layouts import load_any
 from vlmtune.data.encode import SampleEncoder
 from vlmtune.models import images as mm
+from vlmtune.models.registry import layout_for
 from vlmtune.training.run import train
 
 
@@ -89,7 +90,7 @@ def encoded(loaded, image):
 
 
 def test_original_folder_loads_without_its_code_with_independent_logits(original):
-    assert detect(original) == "MiniCPM-V 2.x folder (OpenBMB remote code)"
+    assert layout_for(original)[1].name == "MiniCPM-V 2.x folder (OpenBMB remote code)"
     loaded = load_any(original)  # the folder's .py files raise if executed
     image = Image.new("RGB", (40, 24), (200, 30, 30))
     input_ids, pixels = encoded(loaded, image)
