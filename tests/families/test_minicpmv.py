@@ -229,6 +229,11 @@ def test_chat_in_vlmtune_uses_no_folder_code(original):
     answer = loaded.model.eval().chat(image=Image.new("RGB", (16, 16), (0, 200, 0)), sampling=False, max_new_tokens=4,
                                       msgs=[{"role": "user", "content": "What color?"}], tokenizer=loaded.processor.tokenizer)
     assert isinstance(answer, str)
+    text = "(<image>./</image>)\nWhat color?"
+    one = loaded.processor(text=text, images=[Image.new("RGB", (40, 24))], max_slice_nums=1)  # OpenBMB's chat option
+    assert one["tgt_sizes"].shape[0] == 1 and loaded.processor(text=text, images=[Image.new("RGB", (40, 24))])["tgt_sizes"].shape[0] == 5
+    assert isinstance(loaded.model.chat(image=Image.new("RGB", (40, 24)), msgs=[{"role": "user", "content": "Hi"}], sampling=False,
+                                        max_new_tokens=2, max_slice_nums=1, tokenizer=loaded.processor.tokenizer), str)
 
 
 def test_placeholder_count_mismatch_names_both_numbers(original):

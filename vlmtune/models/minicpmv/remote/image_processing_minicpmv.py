@@ -56,9 +56,9 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
                       for m in range(1, n + 1) if n % m == 0]
         return min(candidates, key=lambda g: abs(log_ratio - math.log(g[0] / g[1])))
 
-    def slices(self, image: Image.Image):
+    def slices(self, image: Image.Image, max_slice_nums=None):
         """[overview, slice (row-major)...] and the grid."""
-        grid = self.grid(image.size)
+        grid = self.grid(image.size, max_slice_nums)
         if grid is None:
             return [image.resize(self.best_resize(image.size, allow_upscale=True), Image.BICUBIC)], None
         overview = image.resize(self.best_resize(image.size), Image.BICUBIC)
@@ -78,11 +78,11 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
         patches = F.unfold(x[None], (p, p), stride=(p, p))[0]  # [3 * P * P, n]
         return patches.reshape(3, p, p, -1).permute(0, 1, 3, 2).reshape(3, p, -1)
 
-    def __call__(self, images, return_tensors=None, **kwargs) -> BatchFeature:
+    def __call__(self, images, return_tensors=None, max_slice_nums=None, **kwargs) -> BatchFeature:
         images = [images] if isinstance(images, Image.Image) else [i for i in _flat(images)]
         rows, sizes, grids, counts = [], [], [], []
         for image in images:
-            parts, grid = self.slices(image.convert("RGB"))
+            parts, grid = self.slices(image.convert("RGB"), max_slice_nums)
             for part in parts:
                 rows.append(self.to_patch_row(part))
                 sizes.append((part.size[1] // self.patch_size, part.size[0] // self.patch_size))

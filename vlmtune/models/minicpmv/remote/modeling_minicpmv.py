@@ -161,7 +161,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel, GenerationMixin):
         return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
 
     def chat(self, image=None, msgs=None, tokenizer=None, processor=None, max_new_tokens=2048, sampling=True,
-             system_prompt="", stream=False, **kwargs):
+             system_prompt="", stream=False, max_slice_nums=None, use_image_id=None, **kwargs):
         """OpenBMB's `chat`: `msgs` as [{"role", "content"}] with content a string or a list of PIL
         images and strings; `image` goes first in the first message. Sampling defaults are OpenBMB's."""
         if stream:
@@ -184,7 +184,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel, GenerationMixin):
                     text += processor.image_token + "\n"
             messages.append({"role": msg["role"], "content": text})
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = processor(text=prompt, images=images or None, return_tensors="pt").to(self.device)
+        inputs = processor(text=prompt, images=images or None, return_tensors="pt", max_slice_nums=max_slice_nums,
+                           use_image_id=use_image_id).to(self.device)
         options = dict(top_p=0.8, top_k=100, temperature=0.7, repetition_penalty=1.05) if sampling else {}
         options.update(kwargs)
         out = self.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sampling,

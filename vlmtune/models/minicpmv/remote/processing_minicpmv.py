@@ -25,8 +25,8 @@ class MiniCPMVProcessor(ProcessorMixin):
         grid = tuple(image_inputs["image_grids"][image_idx].tolist())
         return self.image_processor.placeholder(grid if grid[0] else None)
 
-    def _process_images(self, images, **kwargs):
-        processed = self.image_processor(images)
+    def _process_images(self, images, max_slice_nums=None, **kwargs):
+        processed = self.image_processor(images, max_slice_nums=max_slice_nums)
         blocks = [self.replace_image_token(processed, i) for i in range(len(processed["image_grids"]))]
         return processed, blocks
 
@@ -40,15 +40,16 @@ class MiniCPMVProcessor(ProcessorMixin):
                 index += 1
         return out
 
-    def __call__(self, text=None, images=None, return_tensors="pt", **kwargs) -> BatchFeature:
+    def __call__(self, text=None, images=None, return_tensors="pt", max_slice_nums=None, use_image_id=None,
+                 **kwargs) -> BatchFeature:
         texts = [text] if isinstance(text, str) else list(text)
         found = sum(t.count(self.image_token) for t in texts)
         if found != len(images or []):
             raise ValueError(f"the text has {found} {self.image_token} mark(s) but {len(images or [])} image(s) were given")
         data = {}
         if images:
-            processed, blocks = self._process_images(images)
-            if self.default_use_image_id:
+            processed, blocks = self._process_images(images, max_slice_nums)
+            if self.default_use_image_id if use_image_id is None else use_image_id:
                 blocks = self._prepend_local_ids(texts, blocks, self.image_token)
             blocks, expanded = iter(blocks), []
             for t in texts:
