@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written only if the whole merge succeeds)")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("convert", help="turn a foreign layout into a transformers LLaVA folder",
+    p = sub.add_parser("convert", help="turn a foreign layout (original LLaVA, OpenBMB MiniCPM-V 2.x) into a vlmtune folder",
                        formatter_class=HelpFormatter,
                        description="Examples: vlmtune convert llava-v1.5-7b --vision clip-vit-l-336 --out llava-hf   |   "
                        "vlmtune convert mm_projector.bin --vision clip --llm vicuna --out stage1-hf")

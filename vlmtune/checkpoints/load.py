@@ -17,8 +17,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vlmtune.checkpoints.manifest import ManifestError, check_on_load, model_fingerprint, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS
-from vlmtune.models.family import Family, FamilyError, LoadOptions, custom_family
-from vlmtune.models.registry import family_for
+from vlmtune.models.family import ConvertOptions, Family, FamilyError, LoadOptions, custom_family
+from vlmtune.models.registry import family_for, layout_for
 
 
 class ModelLoadError(ValueError):
@@ -136,6 +136,9 @@ def _load(folder: Path, options: LoadOptions, merge_adapters: bool, components, 
         return _load_delta(folder, options, components)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not a model folder: it has neither config.json nor adapter_config.json")
+    found = layout_for(folder)  # a family's own layout (e.g. MiniCPM-V 2.x), also as an adapter's base
+    if found and components is None:
+        return found[1].load(folder, options, ConvertOptions())
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     try:
         family = resolve_family(folder, config, components, recorded)

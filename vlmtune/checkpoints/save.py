@@ -231,7 +231,8 @@ def save_model_folder(model: nn.Module, processor, out: str | Path, record: dict
         shutil.rmtree(staging, ignore_errors=True)
         raise disk_full_error(out, model_bytes(model), err) from None
     check_folder_loads(staging, model, delta_keys)
-    write_manifest(staging, {"kind": kind, **record})
+    code = sorted(p.name for p in staging.glob("*.py"))  # model code the folder carries (`trust_remote_code`)
+    write_manifest(staging, {"kind": kind, **record, **({"code": code} if code else {})})
     return publish(staging, out, run_folder)
 
 

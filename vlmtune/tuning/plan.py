@@ -64,6 +64,9 @@ class TuningPlan:
             raise PlanError("; ".join(problems))
 
     def mode(self, component: str) -> str:
+        leader = dict(self.family.follows).get(component)
+        if leader and component not in set(self.tune.model_fields_set) | set(self.tune.model_extra or {}):
+            return "full" if self.mode(leader) == "full" else "frozen"
         return self.tune.mode(component)
 
     def lr(self, component: str) -> float:
