@@ -67,8 +67,9 @@ class TemplateRenderer:
     def _render(self, messages, add_generation_prompt: bool, strings: bool) -> str:
         if strings:
             messages = as_strings(messages, self.image_token)
+        extra = {"image_token": self.image_token} if self.template else {}  # our templates write the processor's token
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                  chat_template=self.template, image_token=self.image_token)
+                                                  chat_template=self.template, **extra)
 
     def _probe(self) -> bool:
         """False when the template renders content parts, True when it needs strings; else an error."""
