@@ -33,6 +33,13 @@ class ModelConfig(Section):
     path: str | None = Field(None, description="A model folder (full model or vlmtune LoRA output) to fine-tune.")
     vision: str | None = Field(None, description="Vision encoder folder; with `model.llm`, builds a new VLM (stage 1).")
     llm: str | None = Field(None, description="Language model folder (with tokenizer); used with `model.vision`.")
+    vision_aux: str | None = Field(
+        None, description="With `model.family: mgm`: the high-resolution ConvNeXt folder (transformers ConvNextModel, "
+        "OpenCLIP with open_clip_config.json, or timm)."
+    )
+    image_size_aux: int | None = Field(
+        None, gt=0, description="With `model.vision_aux`: the high-resolution image size (default: the tower's own, e.g. 768 for MGM)."
+    )
     family: str | None = Field(
         None, description="With `model.vision` + `model.llm`: the family to build (default: llava). See `vlmtune inspect`."
     )
@@ -62,6 +69,9 @@ class ModelConfig(Section):
     def _one_source(self) -> ModelConfig:
         if self.projector_weights and self.path:
             raise ValueError("`model.projector_weights` goes with `model.vision` + `model.llm`; a `model.path` has its projector")
+        if (self.vision_aux or self.image_size_aux) and not (self.vision and self.llm):
+            raise ValueError("`model.vision_aux` / `model.image_size_aux` build a new MGM with `model.vision` + `model.llm`; "
+                             "a `model.path` has its aux tower")
         if self.path and (self.vision or self.llm):
             raise ValueError("give either `model.path` or `model.vision` + `model.llm`, not both")
         if not self.path and not (self.vision and self.llm):

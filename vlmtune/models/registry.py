@@ -17,6 +17,7 @@ _BUILTIN = (  # import order is match order: specific families before generic on
     "vlmtune.models.idefics3",
     "vlmtune.models.gemma3",
     "vlmtune.models.minicpmv4_6",
+    "vlmtune.models.mgm",
 )
 _FAMILIES: list[Family] = []
 

@@ -1,0 +1,48 @@
+"""The `mgm` family entry: Mini-Gemini's dual encoder (CLIP ViT + ConvNeXt), mining, projector, LLM.
+
+vlmtune implements the model itself (`modeling_mgm.py` and friends, self-contained). Importing this
+module registers the classes with transformers' Auto classes in this process, and marks them for
+`save_pretrained` to copy their code into every folder it writes (with `auto_map`), so saved folders
+load in plain transformers with `trust_remote_code=True`."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
+
+from vlmtune.models.family import Family
+from vlmtune.models.mgm.build import build
+from vlmtune.models.mgm.configuration_mgm import MGMConfig
+from vlmtune.models.mgm.modeling_mgm import MGMForConditionalGeneration
+from vlmtune.models.mgm.processing_mgm import MGMImageProcessor, MGMProcessor
+from vlmtune.models.registry import register
+
+AutoConfig.register("mgm", MGMConfig, exist_ok=True)
+AutoModelForImageTextToText.register(MGMConfig, MGMForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(MGMConfig, fast_image_processor_class=MGMImageProcessor, exist_ok=True)
+AutoProcessor.register(MGMConfig, MGMProcessor, exist_ok=True)
+MGMConfig.register_for_auto_class()
+MGMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+MGMImageProcessor.register_for_auto_class("AutoImageProcessor")
+MGMProcessor.register_for_auto_class("AutoProcessor")
+
+
+def is_vlmtune_mgm(config) -> bool:
+    """Our MGM (sub-configs), not an original MGM config (a flat Llama config with `mm_*` keys)."""
+    return getattr(config, "model_type", None) == "mgm" and hasattr(config, "vision_aux_config")
+
+
+MGM = register(Family(
+    name="mgm",
+    components={
+        "vision": ("model.vision_tower",),
+        "vision_aux": ("model.vision_tower_aux",),
+        "mining": ("model.mining",),
+        "projector": ("model.multi_modal_projector",),
+        "llm": ("model.language_model", "lm_head"),
+    },
+    matches=is_vlmtune_mgm,
+    model_class=MGMForConditionalGeneration,
+    build=build,
+    requires=("torchvision",),
+    notes="Mini-Gemini: low-res ViT tokens mine their window of high-res ConvNeXt features",
+))
