@@ -96,6 +96,9 @@ def test_aux_tower_refuses_other_folders(tmp_path):
         load_aux_tower(tmp_path)
 
 
+MGM_BLOCKS = {"vision": ["encoder.layers[1/2:]"], "vision_aux": ["encoder.stages[:].layers[-1]"]}
+
+
 def color_data(folder: Path) -> Path:
     records = []
     for i, (color, size) in enumerate([("red", 16), ("blue", 40), ("green", 24), ("red", 40)] * 2):
@@ -167,9 +170,11 @@ def test_stages_build_train_merge_continue_and_load_in_plain_transformers(parts,
 
     stage3 = run({"path": str(tmp_path / "stage2" / "merged")},
                  dict(vision="full", vision_aux="full", mining="full", projector="full", llm="frozen",
-                      lr={"vision": 1e-3, "vision_aux": 1e-3}),
+                      lr={"vision": 1e-3, "vision_aux": 1e-3}, blocks=MGM_BLOCKS),
                  data, tmp_path / "stage3")
     assert stage3["base"]["path"] == str((tmp_path / "stage2" / "merged").resolve())
+    assert stage3["plan"]["blocks"]["vision"] == ["model.vision_tower.encoder.layers.1"]
+    assert stage3["components"]["vision"]["trainable_params"] < stage3["components"]["vision"]["params"] / 2
 
     for folder, adapter in ((tmp_path / "stage2" / "merged", None), (tmp_path / "stage3", None),
                             (tmp_path / "stage1", tmp_path / "stage2")):
@@ -178,3 +183,39 @@ def test_stages_build_train_merge_continue_and_load_in_plain_transformers(parts,
         with torch.no_grad():
             ours = loaded.model.eval()(**inputs).logits
         assert torch.allclose(plain_logits(folder, inputs, tmp_path, adapter), ours, atol=1e-4), folder
+
+
+def trainable(model) -> set[str]:
+    return {n.removeprefix("base_model.model.") for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_blocks_last_half_of_the_vit_and_last_block_of_each_convnext_stage(family_model):
+    from vlmtune.config.schema import TuneConfig
+    from vlmtune.models.registry import family_named
+    from vlmtune.tuning.plan import PlanError, TuningPlan
+
+    folder = family_model("mgm", "bytelevel")
+    mgm = family_named("mgm")
+    full = TuningPlan(TuneConfig(vision="full", vision_aux="full", projector="frozen", llm="frozen", blocks=MGM_BLOCKS),
+                      mgm, 1e-3)
+    model = full.apply(load_model(folder).model)
+    names = trainable(model)
+    assert {n.split(".layers.")[1].split(".")[0] for n in names if n.startswith("model.vision_tower.")} == {"1"}
+    aux = sorted({n.rsplit(".layers.", 1)[0] + ".layers." + n.rsplit(".layers.", 1)[1].split(".")[0]
+                  for n in names if n.startswith("model.vision_tower_aux.")})
+    assert aux == [f"model.vision_tower_aux.encoder.stages.{i}.layers.0" for i in range(4)]  # depth 1: last = 0
+    assert full.blocks["vision"] == ["model.vision_tower.encoder.layers.1"]
+
+    lora = TuningPlan(TuneConfig(vision="lora", vision_aux="full", projector="full", llm="frozen", blocks=MGM_BLOCKS),
+                      mgm, 1e-3)
+    model = lora.apply(load_model(folder).model)
+    adapted = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted and all(".encoder.layers.1." in n for n in adapted)
+    assert {n for n in trainable(model) if "vision_tower_aux" in n} and all(
+        ".layers.0." in n for n in trainable(model) if "vision_tower_aux" in n)
+
+    with pytest.raises(PlanError, match=r"`tune.blocks.vision`: 'encoder.layrs\[1/2:\]' names no module"):
+        TuningPlan(TuneConfig(vision="full", blocks={"vision": ["encoder.layrs[1/2:]"]}), mgm, 1e-3).apply(
+            load_model(folder).model)
+    with pytest.raises(PlanError, match="the vision_aux is frozen"):
+        TuningPlan(TuneConfig(vision="full", blocks={"vision_aux": ["encoder.stages[:].layers[-1]"]}), mgm, 1e-3)

@@ -142,10 +142,16 @@ class TuneConfig(Section):
     llm: Mode = Field("full", description="Language model: `frozen`, `full` or `lora`.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     lr: ComponentRates = Field(default_factory=ComponentRates)
+    blocks: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per component, train only these blocks (module paths inside the component; `layers[1/2:]` is the "
+        "last half of a layer list, `stages[:].layers[-1]` the last layer of each stage), e.g. MGM's "
+        "`{vision: ['encoder.layers[1/2:]'], vision_aux: ['encoder.stages[:].layers[-1]']}`.",
+    )
 
     @model_validator(mode="after")
     def _extra_modes(self) -> TuneConfig:
-        refuse_near_typos(self.model_extra, COMPONENTS + ("lora", "lr"), "tune")
+        refuse_near_typos(self.model_extra, COMPONENTS + ("lora", "lr", "blocks"), "tune")
         for key, value in (self.model_extra or {}).items():
             if value not in MODES:
                 raise ValueError(f"`tune.{key}` must be one of {', '.join(MODES)} (got {value!r})")
