@@ -57,3 +57,25 @@ def mining(state, prefix, tokens, aux):
     q, k, v = norm_linear("query", tokens), norm_linear("aux", a), norm_linear("val", a)
     att = torch.einsum("bnd,bnpd->bnp", q, k) / k.shape[-1] ** 0.5
     return tokens + torch.einsum("bnp,bnpd->bnd", att.softmax(-1), v)
+
+
+def original_logits(state: dict, llm_dir, vit_config: dict, pixel_values, pixel_values_aux, before, after):
+    """MGM's forward on its own key names: CLIP (layer -2, CLS dropped) + mined ConvNeXt windows ->
+    mm_projector -> the image spliced between the `before` and `after` token ids of the Llama LLM."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM
+
+    vit = CLIPVisionModel(CLIPVisionConfig(**vit_config))
+    prefix = "model.vision_tower.vision_tower.vision_model."
+    vit.load_state_dict({k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}, strict=False)
+    llm = LlamaForCausalLM.from_pretrained(llm_dir)
+    llm.load_state_dict({k: v for k, v in state.items() if k.startswith(("model.layers", "model.embed", "model.norm", "lm_head"))})
+    with torch.no_grad():
+        tokens = vit(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+        aux_state = {k.replace("model.vision_tower_aux.vision_", ""): v for k, v in state.items()
+                     if k.startswith("model.vision_tower_aux.")}
+        tokens = mining(state, "model.", tokens, aux_features(aux_state, "", pixel_values_aux))
+        w = lambda k: state[f"model.mm_projector.{k}"]  # noqa: E731
+        image = F.linear(F.gelu(F.linear(tokens, w("0.weight"), w("0.bias"))), w("2.weight"), w("2.bias"))
+        embed = llm.get_input_embeddings()
+        embeds = torch.cat([embed(torch.tensor([before])), image, embed(torch.tensor([after]))], 1)
+        return llm(inputs_embeds=embeds).logits

@@ -16,7 +16,7 @@ from transformers import AutoConfig
 
 from vlmtune.checkpoints.manifest import read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS
-from vlmtune.models.registry import Family, families, family_for
+from vlmtune.models.registry import Family, families, family_for, layout_for
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
@@ -100,6 +100,11 @@ def describe(path: str | Path) -> dict:
     if not path.is_dir():
         raise ValueError(f"{path} does not exist")
     info: dict = {"path": str(path)}
+    found = layout_for(path)
+    if found:  # a family's own foreign layouts (e.g. original Mini-Gemini folders)
+        family, layout = found
+        return {**info, "layout": f"{layout.name}: {layout.hint}" if layout.hint else layout.name, "family": family.name,
+                **(layout.describe(path) if layout.describe else {})}
     foreign = _foreign(path)
     if foreign:
         return {**info, **foreign}

@@ -20,7 +20,9 @@ from vlmtune.checkpoints.load import LoadedModel
 from vlmtune.convert.merge import Parts, assemble
 from vlmtune.convert.parts import apply_projector, projector_weights
 from vlmtune.convert.weights import ConversionError, read_state_dict
+from vlmtune.models.family import LoadOptions
 from vlmtune.models.llava import LLAVA, build_from_parts, load_vision
+from vlmtune.models.registry import layout_for
 
 ORIGINAL_VISION_PREFIX = "model.vision_tower.vision_tower."
 
@@ -106,6 +108,10 @@ def convert(source: str | Path, vision: Path | None = None, llm: Path | None = N
             allow_unused: bool = False, allow_missing: bool = False) -> LoadedModel:
     """Recognise `source`'s layout (first match wins) and convert it; the error lists what is supported."""
     source = Path(source)
+    found = layout_for(source)
+    if found:  # a family's own layouts first (e.g. original Mini-Gemini folders)
+        family, layout = found
+        return layout.load(source, LoadOptions(), **({"llm": llm} if llm else {}))
     if source.is_file():
         if vision is None or llm is None:
             raise ConversionError(f"{source} is a weight file: a stage-1 projector needs --vision and --llm folders")

@@ -33,10 +33,5 @@ class MGMConfig(PreTrainedConfig):
         if self.image_grid != 1:
             raise ValueError(f"MGMConfig: image_grid={self.image_grid} (MGM-HD) is not supported; use image_grid=1")
 
-    @property
-    def mm_hidden_size_aux(self) -> int:
-        """Channels of the concatenated ConvNeXt stage outputs (2880 for ConvNeXt-L)."""
-        return sum(self.vision_aux_config.hidden_sizes)
-
 
 __all__ = ["MGMConfig"]

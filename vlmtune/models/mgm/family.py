@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
-from vlmtune.models.family import Family
+from vlmtune.models.family import Family, Layout
 from vlmtune.models.mgm.build import build
 from vlmtune.models.mgm.configuration_mgm import MGMConfig
 from vlmtune.models.mgm.modeling_mgm import MGMForConditionalGeneration
+from vlmtune.models.mgm.original import describe, is_stage1, is_stage2, load_original
 from vlmtune.models.mgm.processing_mgm import MGMImageProcessor, MGMProcessor
 from vlmtune.models.registry import register
 
@@ -43,6 +44,13 @@ MGM = register(Family(
     matches=is_vlmtune_mgm,
     model_class=MGMForConditionalGeneration,
     build=build,
+    layouts=(
+        Layout(name="original Mini-Gemini folder (MGM*ForCausalLM)", detect=is_stage2, load=load_original,
+               describe=describe, hint="vlmtune convert it, or give it as model.path"),
+        Layout(name="original Mini-Gemini stage-1 folder (config.json + mm_projector.bin)", detect=is_stage1,
+               load=load_original, describe=describe,
+               hint="its LLM is the folder config.json's _name_or_path names (vlmtune convert --llm to give another)"),
+    ),
     requires=("torchvision",),
     notes="Mini-Gemini: low-res ViT tokens mine their window of high-res ConvNeXt features",
 ))

@@ -44,7 +44,8 @@ class MGMMining(nn.Module):
 
     def __init__(self, config: MGMConfig):
         super().__init__()
-        dim, dim_aux = config.vision_config.hidden_size, config.mm_hidden_size_aux
+        dim = config.vision_config.hidden_size
+        dim_aux = sum(config.vision_aux_config.hidden_sizes)  # every ConvNeXt stage, concatenated (2880 for -L)
         self.query = MGMNormLinear(dim, dim)
         self.key = MGMNormLinear(dim_aux, dim)
         self.value = MGMNormLinear(dim_aux, dim)
