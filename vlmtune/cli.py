@@ -196,9 +196,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    sizes = {k: v for k, v in (("train_images", args.train_images), ("eval_images", args.eval_images)) if v}
+    if args.family == "mgm":  # Mini-Gemini beside LLaVA on a task only the high-resolution encoder can see
+        from vlmtune.demo.detail import run_detail_demo
+
+        run_detail_demo(args.out if args.out != "demo-out" else "demo-mgm", seed=args.seed, **sizes)
+        return 0
     from vlmtune.demo.run import run_demo
 
-    run_demo(args.out, train_images=args.train_images, eval_images=args.eval_images, seed=args.seed)
+    run_demo(args.out, seed=args.seed, **sizes)
     return 0
 
 
@@ -308,9 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a tiny VLM from scratch on synthetic shapes and report accuracy",
                        description="Example: vlmtune demo --out demo-out")
     p.add_argument("--out", default="demo-out", help="output folder (data, models, report.json)")
-    p.add_argument("--train-images", type=int, default=2000)
-    p.add_argument("--eval-images", type=int, default=200)
+    p.add_argument("--train-images", type=int, default=None, help="default: 2000 (llava), 1500 (mgm)")
+    p.add_argument("--eval-images", type=int, default=None, help="default: 200 (llava), 150 (mgm)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", choices=("llava", "mgm"), default="llava",
+                   help="mgm: Mini-Gemini (ViT + high-res ConvNeXt) beside LLaVA on 3x3 marks in 128px images")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -158,7 +158,9 @@ def test_stages_build_train_merge_continue_and_load_in_plain_transformers(parts,
     assert stage1["base"]["sources"]["mining"] == "new"
     files = {p.name for p in (tmp_path / "stage1").iterdir() if p.is_file()}
     assert files == FULL_FILES
-    for checkpoint in (tmp_path / "stage1").glob("checkpoint-*"):
+    checkpoints = sorted((tmp_path / "stage1").glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-4", "checkpoint-8"]
+    for checkpoint in checkpoints:
         assert CODE <= {p.name for p in checkpoint.iterdir()}, checkpoint
 
     stage2 = run({"path": str(tmp_path / "stage1")}, dict(vision="frozen", vision_aux="frozen", mining="full",
