@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from families.mgm_original import VIT, original_state, write_stage1, write_stage2
+from families.mgm_original import RELEASED_TOWERS, VIT, original_state, write_stage1, write_stage2
 from families.mgm_reference import original_logits
 from families.test_mgm import CODE, color_data, run, timm_convnext_state
 from vlmtune.checkpoints.inspect import describe
@@ -26,6 +26,10 @@ def original(parts, tmp_path_factory):
     state = original_state(parts["llm"], timm_convnext_state())
     return {"state": state, "stage2": write_stage2(root / "MGM-tiny", parts["llm"], state),
             "stage1": write_stage1(root / "MGM-tiny-pretrain", parts["llm"], state), "llm": parts["llm"]}
+
+
+def original_config_tower(key: str) -> str:
+    return RELEASED_TOWERS[key]
 
 
 def logits_pair(loaded, state, llm_dir):
@@ -58,14 +62,21 @@ def test_original_folder_loads_with_mgm_logits_and_a_load_report(original, stage
     assert src["llm"].startswith(str(original["llm"]) if stage == "stage1" else str(folder))
 
 
-def test_inspect_names_the_layout_components_and_missing_towers(original):
+def test_inspect_names_the_layout_components_and_missing_towers(original, capsys):
+    from vlmtune.cli import main
+
     info = describe(original["stage1"])
     assert info["family"] == "mgm" and info["stage"] == 1 and "mm_projector.bin" in info["layout"]
-    assert info["tensors_per_component"]["vision_aux"] > 0 and "llm" not in info["tensors_per_component"]
-    assert info["needs_base"]["mm_vision_tower_aux"]["present"] is False
+    assert set(info["components"]) == {"vision", "vision_aux", "mining", "projector"}
+    assert info["components"]["vision_aux"]["dtypes"] == ["float16"]
+    assert info["needs_base"]["mm_vision_tower_aux"] == {"path": original_config_tower("mm_vision_tower_aux"),
+                                                         "present": False, "in_checkpoint": True}
+    assert info["needs_base"]["_name_or_path"]["present"] is True
     info = describe(original["stage2"])
-    assert info["architecture"] == "MGMLlamaForCausalLM" and set(info["tensors_per_component"]) == {
+    assert info["architecture"] == "MGMLlamaForCausalLM" and set(info["components"]) == {
         "vision", "vision_aux", "mining", "projector", "llm"}
+    assert main(["inspect", str(original["stage2"])]) == 0
+    assert "original Mini-Gemini folder" in capsys.readouterr().out
 
 
 def test_convert_writes_a_folder_plain_transformers_loads(original, tmp_path):

@@ -1,10 +1,11 @@
 """`vlmtune demo --family mgm`: does the second, high-resolution encoder earn its place?
 
 Each 64x64 image holds one 3x3-pixel mark (plus, cross or corner: five pixels each, so brightness
-does not tell them apart) on a noisy background; the question asks which. A 16x16 view — what the
-low-resolution ViT sees — blurs the mark into a smudge. A Mini-Gemini model (ViT at 32 + ConvNeXt at
-128) and a LLaVA model (the same ViT at 32) are built from scratch and trained with the same data,
-steps and learning rate; both are evaluated on held-out images."""
+does not tell them apart) inside one 4x4 cell on a noisy background; the question asks which. At
+16x16 — what the low-resolution ViT sees — the cell is one pixel, and the mark's shape is averaged
+away. A Mini-Gemini model (ViT at 16 + ConvNeXt at 64) and a LLaVA model (the same ViT at 16) are
+built from scratch and trained with the same data, steps and learning rate; both are evaluated on
+held-out images."""
 
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ def render(mark: str, rng: random.Random) -> Image.Image:
     pixels = image.load()
     for x in range(IMAGE_SIZE):
         for y in range(IMAGE_SIZE):
-            shade = rng.randint(200, 255)
+            shade = rng.randint(225, 255)
             pixels[x, y] = (shade, shade, shade)
-    ox, oy = rng.randint(4, IMAGE_SIZE - 7), rng.randint(4, IMAGE_SIZE - 7)
+    cell = IMAGE_SIZE // LOW_RES  # the mark sits inside one low-res pixel: averaged away at low resolution
+    ox, oy = cell * rng.randint(1, LOW_RES - 2), cell * rng.randint(1, LOW_RES - 2)
     ink = tuple(rng.randint(0, 60) for _ in range(3))
     for dx, dy in MARKS[mark]:
         pixels[ox + dx, oy + dy] = ink
@@ -69,7 +71,7 @@ def make_dataset(out: Path, train_images: int, eval_images: int, seed: int) -> d
 def run_detail_demo(out: str | Path = "demo-mgm", train_images: int = 1500, eval_images: int = 150, seed: int = 0) -> dict:
     out = Path(out).resolve()
     started = time.perf_counter()
-    console.rule("vlmtune demo (mgm): a 3x3 mark in a 128x128 image")
+    console.rule(f"vlmtune demo (mgm): a 3x3 mark in a {IMAGE_SIZE}x{IMAGE_SIZE} image")
     files = make_dataset(out / "data", train_images, eval_images, seed)
     tokenizer = tiny.build_tokenizer([QUESTION + " " + " ".join(MARKS)], vocab_size=128)
     vision = tiny.save_vision_encoder(out / "parts" / "vision", **VISION, seed=seed)

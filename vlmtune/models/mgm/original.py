@@ -195,19 +195,32 @@ def load_original(path: Path, options: LoadOptions = LoadOptions(), llm: Path | 
 
 
 def describe(path: Path) -> dict:
-    """What `vlmtune inspect` shows for an original MGM folder."""
+    """What `vlmtune inspect` shows for an original MGM folder (shapes only: nothing is loaded)."""
+    from vlmtune.checkpoints.inspect import tensor_shapes
+    from vlmtune.models.mgm.family import MGM
+
     raw = raw_config(path) or {}
-    source = path / STAGE1_FILE if is_stage1(path) else path
-    groups: dict[str, int] = {}
-    for key in read_state_dict(source):
-        new = rename(key)
-        if new is not None:
-            from vlmtune.models.mgm.family import MGM
-            component = MGM.component_of(new) or "other"
-            groups[component] = groups.get(component, 0) + 1
-    return {"architecture": (raw.get("architectures") or [raw.get("model_type")])[0],
-            "stage": 1 if is_stage1(path) else 2, "image_size_aux": raw.get("image_size_aux"),
-            "tensors_per_component": groups,
-            "needs_base": {key: {"path": raw.get(key), "present": _folder(raw.get(key)) is not None}
-                           for key in ("mm_vision_tower", "mm_vision_tower_aux") + (("_name_or_path",) if is_stage1(path) else ())},
+    stage1 = is_stage1(path)
+    files = [path / STAGE1_FILE] if stage1 else sorted(path.glob("*.safetensors")) + sorted(
+        f for f in path.glob("*.bin") if f.name != "training_args.bin")
+    groups: dict[str, dict] = {}
+    for file in files:
+        for key, (shape, dtype) in tensor_shapes(file).items():
+            new = rename(key)
+            group = groups.setdefault((MGM.component_of(new) if new else None) or "other",
+                                      {"tensors": 0, "params": 0, "dtypes": set()})
+            group["tensors"] += 1
+            group["params"] += int(torch.Size(shape).numel())
+            group["dtypes"].add(dtype)
+    needs = ("mm_vision_tower", "mm_vision_tower_aux") + (("_name_or_path",) if stage1 else ())
+    return {"architecture": (raw.get("architectures") or [raw.get("model_type")])[0], "stage": 1 if stage1 else 2,
+            "image_size_aux": raw.get("image_size_aux"),
+            "components": {c: {**g, "dtypes": sorted(g["dtypes"])} for c, g in groups.items()},
+            "needs_base": {key: {"path": raw.get(key), "present": _folder(raw.get(key)) is not None,
+                                 "in_checkpoint": _in_checkpoint(key, groups)}
+                           for key in needs},
             "files": sorted(p.name for p in path.iterdir())}
+
+
+def _in_checkpoint(key: str, groups: dict) -> bool:
+    return {"mm_vision_tower": "vision", "mm_vision_tower_aux": "vision_aux", "_name_or_path": "llm"}[key] in groups
