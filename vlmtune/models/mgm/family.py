@@ -28,8 +28,9 @@ MGMProcessor.register_for_auto_class("AutoProcessor")
 
 
 def is_vlmtune_mgm(config) -> bool:
-    """Our MGM (sub-configs), not an original MGM config (a flat Llama config with `mm_*` keys)."""
-    return getattr(config, "model_type", None) == "mgm" and hasattr(config, "vision_aux_config")
+    """Our MGM, not an original one (`MGMLlamaForCausalLM` and friends: read through the layouts below)."""
+    original = any(a.startswith("MGM") and a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or [])
+    return getattr(config, "model_type", None) == "mgm" and not original
 
 
 MGM = register(Family(
