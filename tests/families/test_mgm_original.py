@@ -87,6 +87,10 @@ def test_convert_writes_a_folder_plain_transformers_loads(original, tmp_path):
     assert CODE <= {p.name for p in out.iterdir()}
     manifest = json.loads((out / "vlmtune.json").read_text())
     assert manifest["family"] == "mgm" and "vlm_uni_" in manifest["base"]["sources"]["mining"]
+    from vlmtune.cli import main  # the command: convert, then verify (load, hashes, a forward pass)
+
+    assert main(["convert", str(original["stage1"]), "--out", str(tmp_path / "cli")]) == 0
+    assert CODE <= {p.name for p in (tmp_path / "cli").iterdir()}
 
 
 def test_missing_llm_and_towers_are_errors_that_say_what_to_do(original, parts, tmp_path):
