@@ -1,7 +1,7 @@
 """How long `vlmtune data check` takes on a large data set (default 100k samples, each with its own image).
 
-Measures the structural check (parse + open every image header) and the full check against a model
-(chat template + tokenization + image-token budget), and the peak memory of the process.
+Measures the structural check (parse + decode every image, JPEG at reduced size) and the full check
+against a model (chat template + tokenization + image-token budget), and the peak memory of the process.
 
     .venv/bin/python benchmarks/data_check.py --samples 100000 --work /tmp/vlmtune-bench
 """
@@ -73,7 +73,7 @@ def main() -> None:
     encode_checked(report, SampleEncoder(loaded.processor, loaded.family, 2048))
     tokenize = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"structural check (parse + image headers): {structural:.1f}s = {args.samples / structural:,.0f} samples/s")
+    print(f"structural check (parse + decode images): {structural:.1f}s = {args.samples / structural:,.0f} samples/s")
     print(f"tokenize against the model:                {tokenize:.1f}s = {args.samples / tokenize:,.0f} samples/s")
     print(f"total with --model: {structural + tokenize:.1f}s; peak memory {peak_mb:,.0f} MiB")
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import pytest
@@ -51,6 +54,24 @@ def tiny_vlm(parts, tmp_path_factory) -> Path:
 def make_image(path: Path, color: str = "red", size: int = 16) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (size, size), COLORS[color]).save(path)
+    return path
+
+
+def png_header(path, width, height):
+    """A PNG that claims `width` x `height` without holding its pixels: Pillow reads the size from the header."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
+def truncated_jpeg(path):
+    rng = random.Random(0)
+    image = Image.frombytes("RGB", (64, 64), bytes(rng.randrange(256) for _ in range(64 * 64 * 3)))
+    image.save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[:data.index(b"\xff\xda") + 40])  # the header survives, most scan data does not
     return path
 
 

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
 
 from vlmtune import __version__
+from vlmtune.data.images import DEFAULT_MAX_PIXELS
 
 EXIT_BAD_DATA = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help shows its default (unless it has none, or says it); descriptions and the key
+    list keep their line breaks."""
+
+    def _get_help_string(self, action):  # the hook argparse's own ArgumentDefaultsHelpFormatter uses
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _keys_help() -> str:
@@ -25,11 +40,22 @@ def _keys_help() -> str:
 
 def cmd_train(args) -> int:
     from vlmtune.config import load_config
-    from vlmtune.training.run import train
+    from vlmtune.console import console
+    from vlmtune.training.run import TrainingInterrupted, train
 
     cfg = load_config(args.config, args.overrides)
-    resume = True if args.resume == "auto" else args.resume
-    train(cfg, resume=resume)
+    try:
+        train(cfg, resume=args.resume_from or (True if args.resume else None), force_resume=args.force_resume)
+    except TrainingInterrupted as stop:
+        command = shlex.join(["vlmtune", "train", args.config, *args.overrides, "--resume"])
+        console.print(f"[yellow]interrupted[/] at step {stop.step} of {stop.max_steps}; loss curve: "
+                      f"{Path(cfg.output.dir) / 'loss.png'}")
+        if stop.checkpoint is None:
+            console.print(f"no checkpoint was complete yet (train.save_steps={cfg.train.save_steps}): "
+                          "nothing to resume from; the run must start again")
+        else:
+            console.print(f"newest complete checkpoint: {stop.checkpoint}\nresume with: {command}")
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -37,7 +63,7 @@ def cmd_data_check(args) -> int:
     from vlmtune.console import console
     from vlmtune.data.check import check_data, encode_checked
 
-    report = check_data(args.files, args.images_root)
+    report = check_data(args.files, args.images_root, args.max_image_pixels)
     if args.model:
         from vlmtune.checkpoints.load import load_model
         from vlmtune.data.encode import SampleEncoder
@@ -121,12 +147,13 @@ def cmd_inspect(args) -> int:
     from vlmtune.checkpoints.inspect import describe
     from vlmtune.console import console, human_count
 
-    info = describe(args.path)
+    info = describe(args.path, trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
     console.print(f"[bold]{info['path']}[/]: {info.get('layout')}"
-                  + (f" — {info['architecture']}" if info.get("architecture") else ""))
+                  + (f" — {info['architecture']}" if info.get("architecture") else "")
+                  + (f" — family {info['family']}" if info.get("family") else ""))
     table = Table(title="components")
     for column in ("component", "tensors", "params", "dtypes", "tuned"):
         table.add_column(column)
@@ -167,9 +194,18 @@ def _write(loaded, out, record) -> int:
     return 0
 
 
+def refuse_existing_out(out, overwrite: bool) -> None:
+    from vlmtune.checkpoints.save import refuse_existing_out as refuse
+
+    refuse(Path(out), overwrite)
+
+
 def cmd_merge(args) -> int:
+    from vlmtune.convert.export import check_out
     from vlmtune.convert.merge import Parts, assemble, xtuner_parts
 
+    check_out(args.out, folder=True)
+    refuse_existing_out(args.out, args.overwrite)
     paths = {k: Path(v) if v else None for k, v in vars(args).items()
              if k in ("base", "llm", "vision", "llm_adapter", "vision_adapter", "projector", "weights")}
     parts = Parts(**paths)
@@ -180,8 +216,11 @@ def cmd_merge(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from vlmtune.convert.export import check_out
     from vlmtune.convert.foreign import convert
 
+    check_out(args.out, folder=True)
+    refuse_existing_out(args.out, args.overwrite)
     loaded = convert(args.source, Path(args.vision) if args.vision else None, Path(args.llm) if args.llm else None,
                      allow_unused=args.allow_unused, allow_missing=args.allow_missing)
     return _write(loaded, args.out, {"converted_from": str(args.source)})
@@ -191,6 +230,7 @@ def cmd_export(args) -> int:
     from vlmtune.console import console
     from vlmtune.convert.export import export
 
+    refuse_existing_out(args.out, args.overwrite)
     console.print(f"[green]exported[/] {export(args.model, args.format, args.out, args.dtype)}")
     return 0
 
@@ -209,27 +249,33 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmtune", description="Fine-tune vision-language models.")
+    parser = argparse.ArgumentParser(prog="vlmtune", description="Fine-tune vision-language models.",
+                                     epilog="`vlmtune COMMAND --help` shows each command's options with their defaults.")
     parser.add_argument("--version", action="version", version=f"vlmtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train from a YAML config", epilog=_keys_help(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = sub.add_parser("train", help="train from a YAML config", epilog=_keys_help(), formatter_class=HelpFormatter,
                        description="Example: vlmtune train examples/stage2_lora.yaml tune.llm=lora train.lr=2e-4")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. tune.llm=lora train.lr=2e-5")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue the run in output.dir from its newest checkpoint (or from the given checkpoint)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output.dir from its newest intact checkpoint")
+    p.add_argument("--resume-from", metavar="CHECKPOINT", help="continue the run from this checkpoint folder")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume even if the checkpoint's config, data or base model differ from this run's")
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("check", help="validate data files before training",
+    p = data.add_parser("check", help="validate data files before training", formatter_class=HelpFormatter,
                         description="Example: vlmtune data check train.jsonl --model runs/stage1")
     p.add_argument("files", nargs="+", help="JSON or JSON Lines data files")
     p.add_argument("--model", help="also tokenize against this model's processor and chat template")
     p.add_argument("--images-root", help="folder image paths are relative to (default: each file's folder)")
     p.add_argument("--max-length", type=int, default=2048, help="token budget per sample (with --model)")
-    p.add_argument("--loss-on", choices=["assistant", "last_turn", "all"], default="assistant")
+    p.add_argument("--loss-on", choices=["assistant", "last_turn", "all"], default="assistant",
+                   help="which tokens are trained (with --model): every assistant turn, the last one, or all text")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="images with more pixels are problems (data.max_image_pixels)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_data_check)
     p = data.add_parser("show", help="print what samples become: tokens, image blocks, trained tokens highlighted",
@@ -247,36 +293,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("generate", cmd_generate, "answer every sample of a data file (batched)"),
                              ("eval", cmd_eval, "exact-match accuracy against each sample's last assistant turn")):
-        p = sub.add_parser(name, help=text, description=f"Example: vlmtune {name} runs/stage2 --data eval.jsonl"
+        p = sub.add_parser(name, help=text, formatter_class=HelpFormatter,
+                           description=f"Example: vlmtune {name} runs/stage2 --data eval.jsonl"
                            + (" --out preds.jsonl" if name == "generate" else ""))
-        p.add_argument("model", help="model folder (full model or LoRA adapter)")
+        p.add_argument("model", help="model folder (full model, LoRA adapter or delta)")
         p.add_argument("--data", required=True, help="data file; the last assistant turn is the target")
-        p.add_argument("--out", required=name == "generate", default="eval_results.jsonl",
-                       help="JSON Lines file for per-sample results")
-        p.add_argument("--images-root", help="folder image paths are relative to")
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--max-new-tokens", type=int, default=64)
+        if name == "generate":
+            p.add_argument("--out", required=True, help="JSON Lines file for the predictions")
+        else:
+            p.add_argument("--out", default="eval_results.jsonl",
+                           help="JSON Lines file for per-sample results (default: %(default)s, in the current folder)")
+        p.add_argument("--images-root", help="folder image paths are relative to (default: the data file's folder)")
+        p.add_argument("--batch-size", type=int, default=8, help="samples generated together")
+        p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("chat", help="chat interactively (streams tokens)",
+    p = sub.add_parser("chat", help="chat interactively (streams tokens)", formatter_class=HelpFormatter,
                        description="Example: vlmtune chat runs/stage2 --image cat.png   (then /image, /reset, /quit)")
-    p.add_argument("model", help="model folder (full model or LoRA adapter)")
-    p.add_argument("--image", help="image for the first message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("model", help="model folder (full model, LoRA adapter or delta)")
+    p.add_argument("--image", help="image for the first message (checked before the model loads)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="say what a model folder, checkpoint, adapter or weight file is",
+                       formatter_class=HelpFormatter,
                        description="Example: vlmtune inspect runs/stage2/checkpoint-500 --json")
     p.add_argument("path", help="folder or weight file (.safetensors, .bin, .pth)")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model code a folder names in its config (`auto_map`); only for folders you trust")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", help="check hashes, load the model and run one forward pass",
+                       formatter_class=HelpFormatter,
                        description="Example: vlmtune verify runs/stage2   (exit 0 only when every check passes)")
     p.add_argument("path", help="model folder or checkpoint written by vlmtune")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("merge", help="combine a base with LoRA adapters and a projector into one model folder",
+                       formatter_class=HelpFormatter,
                        description="Examples: vlmtune merge --from xtuner-llava-hf --out merged   |   "
                        "vlmtune merge --base runs/stage1 --llm-adapter lora/ --projector mm_projector.bin --out merged")
     p.add_argument("--base", help="a LLaVA model folder")
@@ -292,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("convert", help="turn a foreign layout into a transformers LLaVA folder",
+                       formatter_class=HelpFormatter,
                        description="Examples: vlmtune convert llava-v1.5-7b --vision clip-vit-l-336 --out llava-hf   |   "
                        "vlmtune convert mm_projector.bin --vision clip --llm vicuna --out stage1-hf")
     p.add_argument("source", help="original-LLaVA folder, transformers LLaVA folder, or a projector file")
@@ -299,27 +355,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm", help="LLM folder (for a projector file)")
     p.add_argument("--allow-unused", action="store_true", help="convert even if some source tensors are not used")
     p.add_argument("--allow-missing", action="store_true", help="convert even if some parameters are not filled")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder (written only if the whole conversion succeeds)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="write a model as a full folder or one state-dict file",
+                       formatter_class=HelpFormatter,
                        description="Example: vlmtune export runs/stage2 --format pth --dtype bf16 --out model.pth")
     p.add_argument("model", help="model folder (full, LoRA adapter or delta)")
     p.add_argument("--format", choices=["hf", "safetensors", "pth", "xtuner-pth"], default="hf",
                    help="xtuner-pth: XTuner's LLaVAModel key names, for its pretrained_pth")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast the weights")
-    p.add_argument("--out", required=True, help="folder (hf) or file")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast the weights (default: as saved)")
+    p.add_argument("--out", required=True, help="a new folder (hf) or file (the other formats)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="train a tiny VLM from scratch on synthetic shapes and report accuracy",
+                       formatter_class=HelpFormatter,
                        description="Example: vlmtune demo --out demo-out")
     p.add_argument("--out", default="demo-out", help="output folder (data, models, report.json)")
-    p.add_argument("--train-images", type=int, default=None, help="default: 2000 (llava), 1500 (mgm)")
-    p.add_argument("--eval-images", type=int, default=None, help="default: 200 (llava), 150 (mgm)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-images", type=int, default=None, help="synthetic training images to render (default: 2000; mgm: 1500)")
+    p.add_argument("--eval-images", type=int, default=None, help="held-out images for the accuracy (default: 200; mgm: 150)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the data, the model and training")
     p.add_argument("--family", choices=("llava", "mgm"), default="llava",
-                   help="mgm: Mini-Gemini (ViT + high-res ConvNeXt) beside LLaVA on 3x3 marks in 128px images")
+                   help="mgm: Mini-Gemini (ViT + high-res ConvNeXt) beside LLaVA on 3x3 marks a low-res view cannot see")
     p.set_defaults(func=cmd_demo)
+
+    for name in ("merge", "convert", "export"):
+        sub.choices[name].add_argument("--overwrite", action="store_true",
+                                       help="replace an existing --out (the old one is deleted only once the new one is complete)")
+    for p in [sub.choices[name] for name in ("train", "generate", "eval", "chat", "inspect", "merge", "export")] + [data.choices["check"]]:
+        p.add_argument("--no-verify", action="store_true",
+                       help="load vlmtune folders without checking their files against vlmtune.json first")
     return parser
 
 
@@ -327,10 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # bitsandbytes (imported by peft when installed) warns at import about an optional CPU kernel package
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    from vlmtune.checkpoints.load import ModelLoadError
+    from vlmtune.checkpoints.load import ModelLoadError, remote_code_refused
+    from vlmtune.checkpoints.manifest import ManifestError, set_load_checks
+    from vlmtune.checkpoints.save import DiskFullError, OutputExistsError
     from vlmtune.config import ConfigError
     from vlmtune.console import console
     from vlmtune.convert.weights import ConversionError
@@ -340,19 +409,28 @@ def main(argv: list[str] | None = None) -> int:
     from vlmtune.models.images import ImageBlockMismatch
     from vlmtune.tuning.plan import PlanError
 
+    from rich.markup import escape
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    set_load_checks(not getattr(args, "no_verify", False))
     try:
         return args.func(args)
     except (ConfigError, ModelLoadError, ConversionError, FileNotFoundError, FamilyError, PlanError, TemplateError,
-            ImageBlockMismatch) as err:
-        console.print(f"[red]error:[/] {err}")
+            ImageBlockMismatch, ManifestError, DiskFullError, OutputExistsError) as err:
+        console.print(f"[red]error:[/] {escape(str(err))}")
         return EXIT_USAGE
     except DataError as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         return EXIT_BAD_DATA
+    except ValueError as err:
+        if remote_code_refused(err) is None:
+            raise
+        console.print(f"[red]error:[/] {remote_code_refused(err)}")
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        console.print("[yellow]interrupted[/]")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

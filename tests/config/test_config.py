@@ -62,3 +62,45 @@ def test_missing_sections_and_sources():
 def test_example_configs_load(path):
     cfg = load_config(path)
     assert cfg.output.dir
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.seed=-1", "`train.seed`: Input should be greater than or equal to 0 (got -1)"),
+    ("train.seed=4294967296", "`train.seed`: Input should be less than or equal to 4294967295"),
+    ("train.epochs=.inf", "`train.epochs`: Input should be a finite number (got inf)"),
+    ("train.lr=.inf", "`train.lr`: Input should be a finite number"),
+    ("train.weight_decay=.inf", "`train.weight_decay`: Input should be a finite number"),
+    ("tune.lora.alpha=.inf", "`tune.lora.alpha`: Input should be a finite number"),
+    ("train.lr=.nan", "`train.lr`: Input should be a finite number"),
+    ("data.num_workers=1000000", "`data.num_workers`: Input should be less than or equal to 64"),
+    ("tune.lr.projector=true", "`tune.lr.projector`: expected a number, got a boolean (got True)"),
+    ("train.batch_size=true", "`train.batch_size`: expected a number, got a boolean"),
+    ("data.train=[]", "`data.train`: List should have at least 1 item after validation, not 0"),
+])
+def test_values_that_would_break_the_run_are_refused(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(tree=BASE, overrides=[override])
+    assert expected in str(err.value)
+
+
+def test_booleans_still_work_where_booleans_belong():
+    cfg = load_config(tree=BASE, overrides=["data.skip_bad=true", "train.seed=4294967295", "train.epochs=2"])
+    assert cfg.data.skip_bad is True and cfg.train.seed == 2**32 - 1 and cfg.train.epochs == 2.0
+
+
+@pytest.mark.parametrize("typed,suggested", [("train.learning_rate", "train.lr"),
+                                             ("train.num_train_epochs", "train.epochs"),
+                                             ("train.gradient_accumulation_steps", "train.grad_accum"),
+                                             ("tune.lora.lora_alpha", "tune.lora.alpha"),
+                                             ("data.image_folder", "data.images_root"),
+                                             ("output.output_dir", "output.dir")])
+def test_names_from_other_tools_suggest_ours(typed, suggested):
+    with pytest.raises(ConfigError) as err:
+        load_config(tree=BASE, overrides=[f"{typed}=1"])
+    assert f"unknown key `{typed}`; did you mean `{suggested}`?" in str(err.value)
+
+
+def test_malformed_yaml_in_an_override_names_it():
+    with pytest.raises(ConfigError) as err:
+        load_config(tree=BASE, overrides=["tune.lora.targets={llm: [q_proj"])
+    assert str(err.value).startswith("override `tune.lora.targets={llm: [q_proj`: the value is not valid YAML (")

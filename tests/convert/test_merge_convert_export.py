@@ -240,6 +240,7 @@ def test_state_dict_files_round_trip_through_merge(tiny_vlm, parts, tmp_path, ca
         for p in model.parameters():
             p.add_(0.01)
     model.save_pretrained(trained)
+    (trained / "vlmtune.json").unlink()  # changed by hand: no longer what a manifest describes
     for fmt in ("pth", "xtuner-pth"):
         exported = tmp_path / f"model-{fmt}.pth"
         assert main(["export", str(trained), "--format", fmt, "--out", str(exported)]) == 0
@@ -293,3 +294,51 @@ def test_convert_lists_unfilled_parameters(parts, tmp_path, capsys):
     assert main(["convert", str(source), "--out", str(tmp_path / "hf")]) == 2
     assert "1 model parameter(s) not filled (they keep a random init): model.layers.1.mlp.up_proj.weight" in capsys.readouterr().out
     assert not (tmp_path / "hf").exists()
+
+
+def test_merge_applies_modules_to_save_of_vlmtunes_own_lora_output(tiny_vlm, color_data, tmp_path, capsys):
+    """examples/stage2_lora.yaml: LoRA on the LLM, the projector fully trained and saved as `modules_to_save`."""
+    from vlmtune.config import load_config
+    from vlmtune.training.run import train
+
+    run = tmp_path / "lora"
+    train(load_config(tree={"model": {"path": str(tiny_vlm)}, "data": {"train": str(color_data)},
+                            "tune": {"llm": "lora", "projector": "full"},
+                            "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "save_steps": 0},
+                            "output": {"dir": str(run)}}))
+    capsys.readouterr()
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(tiny_vlm), "--llm-adapter", str(run), "--out", str(out)]) == 0
+    merged = AutoModelForImageTextToText.from_pretrained(out)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_vlm)
+    reference = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_vlm), run)
+    trained = load_file(str(run / "adapter_model.safetensors"))
+    projector = merged.model.multi_modal_projector.linear_1.weight
+    assert torch.equal(projector, trained["base_model.model.model.multi_modal_projector.linear_1.weight"])
+    assert not torch.equal(projector, base.model.multi_modal_projector.linear_1.weight)
+    batch = inputs(merged)
+    assert torch.allclose(logits(merged, batch), logits(reference, batch), atol=1e-5)
+
+    state = load_file(str(run / "adapter_model.safetensors"))
+    key = next(k for k in state if "q_proj.lora_A" in k)
+    state[key.replace("q_proj", "qq_proj")] = state.pop(key)
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    save_file(state, str(broken / "adapter_model.safetensors"))
+    assert main(["merge", "--base", str(tiny_vlm), "--llm-adapter", str(broken), "--out", str(tmp_path / "x")]) == 2
+    layer = key.removeprefix("base_model.model.").replace("q_proj", "qq_proj").rpartition(".lora_")[0]
+    assert f"targets layer {layer}, which the base does not have as a linear layer" in capsys.readouterr().out
+
+
+def test_out_of_the_wrong_kind_is_refused_before_loading(tiny_vlm, tmp_path, capsys):
+    existing = tmp_path / "model.pth"
+    existing.write_text("keep me")
+    for argv in (["export", str(tiny_vlm), "--format", "hf", "--out", str(existing)],
+                 ["merge", "--base", str(tiny_vlm), "--out", str(existing)],
+                 ["convert", str(tiny_vlm), "--out", str(existing)]):
+        assert main(argv) == 2
+        assert f"--out {existing} is an existing file, and this writes a model folder; choose a new folder path" \
+            in capsys.readouterr().out
+    assert main(["export", str(tiny_vlm), "--format", "pth", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder, and this format writes one file; give a file path" in capsys.readouterr().out
+    assert existing.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]

@@ -65,3 +65,27 @@ def test_lora_output_generates_through_its_base(colors, tmp_path):
     train(cfg)
     predictions, problems = generate_predictions(tmp_path / "lora", data, max_new_tokens=4)
     assert problems == [] and sum(p.correct for p in predictions) == 12  # a near-zero step keeps the answers
+
+
+def test_chat_refuses_a_bad_image_before_loading_and_keeps_the_conversation(colors, tmp_path):
+    from vlmtune.config import ConfigError
+
+    model, data = colors
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image")
+    with pytest.raises(ConfigError) as err:
+        chat(tmp_path / "no-model-here", image=str(text_file))  # the image is refused before any model loads
+    assert str(err.value).startswith(f"--image: image {text_file} cannot be read: cannot identify image file")
+    stdout = io.StringIO()
+    green = data.parent / "images" / "1.png"
+    conversation = chat(model, max_new_tokens=4, stdout=stdout, stdin=io.StringIO(
+        f"/image {text_file}\n/help\n/image {green}\nWhat color is the image?\n/reset\n/bogus\n"
+        f"/image {green}\nWhat color is the image?\n/quit\n"))
+    out = stdout.getvalue()
+    assert f"not attached: image {text_file} cannot be read: cannot identify image file" in out
+    assert out.count("commands: /image PATH (attach an image to your next message), /reset (start over), /help, /quit") == 3
+    assert f"attached {green} to your next message" in out and "conversation cleared" in out
+    assert "unknown command /bogus" in out
+    assert out.count("model> green") == 2
+    assert conversation == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the image?"}]},
+                            {"role": "assistant", "content": [{"type": "text", "text": "green"}]}]

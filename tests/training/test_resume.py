@@ -70,3 +70,44 @@ def test_resume_without_a_checkpoint_is_refused(tiny_vlm, color_data, tmp_path, 
     config = write_config(tmp_path / "c.yaml", tiny_vlm, color_data, tmp_path / "empty", "full")
     assert main(["train", str(config), "--resume"]) == 2
     assert "holds no complete checkpoint-<step> folder to resume from" in capsys.readouterr().out
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tiny_vlm, color_data, tmp_path):
+    """SIGINT to a real `vlmtune train` process: the step, the newest complete checkpoint, the command; loss.png
+    written, no `.partial/` left."""
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", tiny_vlm, color_data, out, "full")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "vlmtune.cli", "train", str(config), "train.max_steps=500",
+                                "train.save_total_limit=2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        wait_for(lambda: (out / "checkpoint-4" / "vlmtune.json").is_file())
+    finally:
+        process.send_signal(signal.SIGINT)
+        printed, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, printed
+    lines = printed.splitlines()
+    stopped = next(line for line in lines if line.startswith("interrupted at step "))
+    step = int(stopped.split()[3])
+    assert stopped == f"interrupted at step {step} of 500; loss curve: {out / 'loss.png'}"
+    newest = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert 4 <= newest <= step
+    assert f"newest complete checkpoint: {out / f'checkpoint-{newest}'}" in lines
+    assert f"resume with: vlmtune train {config} train.max_steps=500 train.save_total_limit=2 --resume" in lines
+    assert (out / "loss.png").stat().st_size > 1000 and not (out / ".partial").exists()
+    assert "Traceback" not in printed
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny_vlm, color_data, tmp_path, capsys):
+    out = tmp_path / "done"
+    config = write_config(tmp_path / "d.yaml", tiny_vlm, color_data, out, "full")
+    assert main(["train", str(config), "train.max_steps=4"]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", str(config), "train.max_steps=4", "--resume"]) == 2
+    assert (f"--resume: the run in {out} already finished (4 of 4 steps); nothing was changed. To train further, "
+            "raise train.max_steps (or train.epochs) and resume") in " ".join(capsys.readouterr().out.split())
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    assert main(["train", str(config), "train.max_steps=6", "--resume"]) == 0  # a longer run continues
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-6"]

@@ -116,5 +116,46 @@ def test_mixed_text_only_data_and_eval_during_training(tiny_vlm, tmp_path):
     train(cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
     evals = [r for r in log if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [3, 6, 6]  # every eval_steps, and once more at the end
+    assert [r["step"] for r in evals] == [3, 6]  # every eval_steps; the final weights were evaluated at step 6
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_final_eval_runs_when_the_last_step_was_not_evaluated(tiny_vlm, color_data, tmp_path):
+    cfg = config(tiny_vlm, color_data, tmp_path / "run", vision="frozen", projector="full", llm="frozen")
+    cfg.data.eval, cfg.train.eval_steps, cfg.train.max_steps = [str(color_data)], 4, 6
+    train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "eval_loss" in r] == [4, 6]
+
+
+def test_each_component_rate_is_logged_and_printed_with_the_step(tiny_vlm, color_data, tmp_path, capsys):
+    cfg = config(tiny_vlm, color_data, tmp_path / "run", vision="frozen", projector="full", llm="full",
+                 lr={"projector": 1e-3})
+    cfg.train.lr, cfg.train.lr_scheduler, cfg.train.save_steps, cfg.train.max_steps = 1e-4, "constant", 0, 4
+    train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "trainer_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["learning_rate/projector"], r["learning_rate/llm"]) for r in log] == [(2, 1e-3, 1e-4), (4, 1e-3, 1e-4)]
+    printed = capsys.readouterr()
+    lines = [line for line in (printed.out + printed.err).splitlines() if line.startswith("step ")]
+    assert [line.split("  loss ")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert all("  lr projector 1.00e-03 llm 1.00e-04  grad norm " in line for line in lines)
+    assert not any(line.lstrip().startswith("{'loss'") for line in (printed.out + printed.err).splitlines())
+
+
+def test_summary_when_no_step_was_logged(tiny_vlm, color_data, tmp_path, capsys):
+    cfg = config(tiny_vlm, color_data, tmp_path / "run", vision="frozen", projector="full", llm="frozen")
+    cfg.train.max_steps, cfg.train.logging_steps, cfg.train.save_steps = 2, 10, 0
+    train(cfg)
+    summary = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("saved and verified"))
+    assert "nan" not in summary and summary.endswith(
+        "mean loss " + summary.split("mean loss ")[1].split()[0] + " (no step was logged: train.logging_steps=10 is "
+        "more than the steps run)")
+    assert float(summary.split("mean loss ")[1].split()[0]) > 0
+
+
+def test_planned_steps_count_as_the_trainer_does(tiny_vlm, color_data, tmp_path):
+    from vlmtune.training.run import planned_steps
+
+    cfg = config(tiny_vlm, color_data, tmp_path / "run", vision="frozen", projector="full", llm="frozen")
+    cfg.train.max_steps, cfg.train.epochs, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.save_steps = None, 1.5, 5, 2, 0
+    assert train(cfg).steps == planned_steps(cfg, 24) == 5  # 5 batches -> 3 updates per epoch, 1.5 epochs

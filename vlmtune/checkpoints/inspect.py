@@ -7,6 +7,7 @@ the trainer state; groups tensors by component through the model family's key na
 from __future__ import annotations
 
 import json
+import pickle
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from vlmtune.checkpoints.manifest import read_manifest
+from vlmtune.checkpoints.manifest import ManifestError, check_on_load, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS
 from vlmtune.models.registry import Family, families, family_for, layout_for
 
@@ -26,7 +27,12 @@ def tensor_shapes(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     if file.suffix == ".safetensors":
         with safe_open(file, "pt") as fh:
             return {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
-    state = torch.load(file, map_location="meta", weights_only=True)
+    try:
+        state = torch.load(file, map_location="meta", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ManifestError(f"{file} cannot be read as plain weights ({type(err).__name__}: "
+                            f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'damaged'}); "
+                            "it is damaged or holds objects other than tensors") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items() if hasattr(v, "shape")}
@@ -81,7 +87,7 @@ def _foreign(path: Path) -> dict | None:
     return None
 
 
-def describe(path: str | Path) -> dict:
+def describe(path: str | Path, trust_remote_code: bool = False) -> dict:
     """A plain-data description of `path` (see the module docstring)."""
     path = Path(path)
     if path.is_file():
@@ -99,6 +105,7 @@ def describe(path: str | Path) -> dict:
         return info
     if not path.is_dir():
         raise ValueError(f"{path} does not exist")
+    check_on_load(path)
     info: dict = {"path": str(path)}
     found = layout_for(path)
     if found:  # a family's own foreign layouts (e.g. original Mini-Gemini folders)
@@ -111,7 +118,7 @@ def describe(path: str | Path) -> dict:
     manifest = read_manifest(path)
     family = None
     if (path / "config.json").is_file():
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         info["architecture"] = (config.architectures or [config.model_type])[0]
         try:
             family = family_for(config)
@@ -126,7 +133,7 @@ def describe(path: str | Path) -> dict:
                            "modules_to_save": adapter.get("modules_to_save")}
         info["needs_base"] = {"path": base, "present": bool(base) and (Path(base) / "config.json").is_file()}
         if family is None and info["needs_base"]["present"]:
-            family = family_for(AutoConfig.from_pretrained(base))
+            family = family_for(AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code))
             info["family"] = family.name
     elif (path / DELTA_WEIGHTS).is_file():
         base = (manifest or {}).get("base", {}).get("path")

@@ -4,22 +4,38 @@ say where each component's weights came from."""
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from vlmtune.checkpoints.manifest import model_fingerprint, read_manifest
+from vlmtune.checkpoints.manifest import ManifestError, check_on_load, model_fingerprint, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS
-from vlmtune.models.family import Family, LoadOptions, custom_family
+from vlmtune.models.family import Family, FamilyError, LoadOptions, custom_family
 from vlmtune.models.registry import family_for
 
 
 class ModelLoadError(ValueError):
     """A model folder that cannot be loaded; the message names the folder and what to do."""
+
+
+FOLDERS_THAT_WORK = ("A model path takes a vision-language model folder (vlmtune or transformers), a vlmtune LoRA "
+                     "adapter or delta folder, an XTuner pth_to_hf folder or an original LLaVA folder.")
+PLAIN_LLM = (" This folder holds a language model without a vision encoder: to build a new VLM from it, give it as "
+             "`model.llm` together with a vision encoder folder as `model.vision` (stage 1).")
+def remote_code_refused(err: BaseException) -> str | None:
+    """transformers' refusal to run a folder's own code (trust_remote_code off), in one sentence."""
+    found = re.search(r"repository (\S+) (?:contains|references) custom code", str(err))
+    if not isinstance(err, ValueError) or not found:
+        return None
+    return (f"{found[1]} holds its own model code (named by `auto_map` in its config), which vlmtune does not run "
+            "unless told to: if you trust the folder, pass --trust-remote-code (train: model.trust_remote_code=true)")
 
 
 @dataclass
@@ -84,13 +100,36 @@ def resolve_family(folder: Path, config, components: dict[str, list[str]] | None
 
 def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapters: bool = True,
                options: LoadOptions | None = None, components: dict[str, list[str]] | None = None,
-               recorded: dict[str, list[str]] | None = None) -> LoadedModel:
-    """Load `path` for training or inference; adapters are applied to their base (merged by default)."""
+               recorded: dict[str, list[str]] | None = None, check: bool = True) -> LoadedModel:
+    """Load `path` for training or inference; adapters are applied to their base (merged by default).
+
+    A vlmtune folder is first checked against its manifest (`check_on_load`; `check=False` when the
+    caller has just hashed it); what still fails to load is one sentence naming the folder."""
     options = options or LoadOptions(trust_remote_code=trust_remote_code)
-    trust_remote_code = options.trust_remote_code
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"model path {folder} is not a folder")
+    if options.quantize and ((folder / "adapter_config.json").is_file() or (folder / DELTA_WEIGHTS).is_file()):
+        raise ModelLoadError(f"{folder} is an adapter or delta; `tune.quantize` loads a full model folder quantized: "
+                             "merge it first (vlmtune merge / vlmtune export --format hf) or drop tune.quantize")
+    try:
+        if check:
+            check_on_load(folder)
+        return _load(folder, options, merge_adapters, components, recorded)
+    except (ModelLoadError, FamilyError):
+        raise
+    except ManifestError as err:
+        raise ModelLoadError(str(err)) from None
+    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError, SafetensorError) as err:
+        if remote_code_refused(err):
+            raise ModelLoadError(remote_code_refused(err)) from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ModelLoadError(f"{folder}: the model cannot be loaded ({type(err).__name__}: {first[:300]}); "
+                             f"run `vlmtune verify {folder}` to find the damaged file") from None
+
+
+def _load(folder: Path, options: LoadOptions, merge_adapters: bool, components, recorded) -> LoadedModel:
+    trust_remote_code = options.trust_remote_code
     if (folder / "adapter_config.json").is_file():
         return _load_adapter(folder, options, merge_adapters, components)
     if (folder / DELTA_WEIGHTS).is_file():
@@ -98,13 +137,17 @@ def load_model(path: str | Path, *, trust_remote_code: bool = False, merge_adapt
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not a model folder: it has neither config.json nor adapter_config.json")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    family = resolve_family(folder, config, components, recorded)
+    try:
+        family = resolve_family(folder, config, components, recorded)
+    except ValueError as err:
+        raise ModelLoadError(f"{err}. {FOLDERS_THAT_WORK}" + (PLAIN_LLM if not hasattr(config, "vision_config") else "")) from None
     family.check_requirements()
     if not has_processor(folder):
         raise ModelLoadError(f"{folder} has no processor_config.json or preprocessor_config.json: the image processor is missing")
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model_class = family.model_class or AutoModelForImageTextToText
-    model, info = model_class.from_pretrained(folder, output_loading_info=True, **options.kwargs())
+    model, info = model_class.from_pretrained(folder, output_loading_info=True,
+                                              **{**options.kwargs(), **family.quantization_config(options)})
     loaded = LoadedModel(model, processor, family, folder, "full", sources={c: f"{folder}" for c in family.components})
     _explain(loaded, info.get("missing_keys", []), info.get("unexpected_keys", []), info.get("mismatched_keys", []))
     return loaded

@@ -68,7 +68,7 @@ def verify(path: str | Path, check_hashes: bool = True, options: LoadOptions | N
     if check_hashes and not verify_hashes(path, result):
         return result
     try:
-        loaded = load_model(path, options=options)
+        loaded = load_model(path, options=options, check=not check_hashes)  # just hashed in full
     except Exception as err:  # any load failure is the verdict, named
         result.add("load", False, f"{type(err).__name__}: {err}")
         return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,21 @@ from vlmtune.config.schema import RunConfig
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message lists every problem, one per line."""
+
+
+# names other tools (transformers TrainingArguments, LLaVA, LLaMA-Factory, PEFT) use for our keys: a user
+# who types them is told our name, not the nearest spelling (`learning_rate` is closer to `logging_steps`)
+ALIASES = {
+    "learning_rate": "lr", "lr_scheduler_type": "lr_scheduler", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "warmup": "warmup_ratio", "output_dir": "dir",
+    "model_name_or_path": "path", "vision_tower": "vision", "mm_projector_type": "projector",
+    "pretrain_mm_mlp_adapter": "projector_weights", "data_path": "train", "train_files": "train",
+    "image_folder": "images_root", "model_max_length": "max_length", "max_seq_length": "max_length",
+    "cutoff_len": "max_length", "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "target_modules": "targets", "lora_target": "targets", "resume_from_checkpoint": "resume",
+    "dataloader_num_workers": "num_workers",
+}
 
 
 def valid_keys(schema: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
@@ -55,7 +71,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip().lstrip("-")
     if not key:
         raise ConfigError(f"override `{text}` has no key before `=`")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"override `{text}`: the value is not valid YAML ({problem}); quote it, "
+                          "e.g. `tune.lora.targets={llm: [q_proj, v_proj]}`") from None
+    return key.split("."), value
 
 
 def apply_override(tree: dict, path: list[str], value: Any) -> None:
@@ -70,7 +92,7 @@ def apply_override(tree: dict, path: list[str], value: Any) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), tree: dict | None = None) -> RunConfig:
     """Build a validated `RunConfig` from a YAML file (or a dict) and overrides."""
-    data: dict = dict(tree or {})
+    data: dict = copy.deepcopy(tree or {})  # overrides must not change the caller's dict
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -98,7 +120,8 @@ def format_errors(err: ValidationError, source: str) -> str:
         if problem["type"] == "extra_forbidden":
             parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
             siblings = [k for k in keys if k.startswith(parent)]
-            guess = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+            alias = parent + ALIASES.get(key.rsplit(".", 1)[-1], "")
+            guess = [alias] if alias in keys else difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
             hint = f"; did you mean `{guess[0]}`?" if guess else f"; valid keys here: {', '.join(sorted({_child(k, parent) for k in siblings}))}"
             lines.append(f"  - unknown key `{key}`{hint}")
         elif problem["type"] == "missing":

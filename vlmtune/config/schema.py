@@ -6,6 +6,7 @@ Key names are a public contract (scripts and other tools write them); add keys, 
 from __future__ import annotations
 
 import difflib
+import typing
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,9 +25,19 @@ def refuse_near_typos(extra: dict | None, known: tuple[str, ...], section: str) 
 
 
 class Section(BaseModel):
-    """Base for every section: unknown keys are errors, assignments are validated."""
+    """Base for every section: unknown keys are errors, assignments are validated, and numbers must be
+    finite numbers (an infinite learning rate trains a NaN model; `true` is not a learning rate)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value, info):
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = set(typing.get_args(annotation) or (annotation,))
+        if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
+            raise ValueError("expected a number, got a boolean")
+        return value
 
 
 class ModelConfig(Section):
@@ -84,7 +95,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: list[str] = Field(..., description="Training data files (JSON or JSON Lines); a string or a list.")
+    train: list[str] = Field(..., min_length=1, description="Training data files (JSON or JSON Lines); a string or a list.")
     eval: list[str] = Field(default_factory=list, description="Evaluation data files, evaluated at each save.")
     images_root: str | None = Field(None, description="Folder image paths are relative to (default: each data file's folder).")
     max_length: int = Field(2048, gt=0, description="Maximum tokens per sample, image tokens included.")
@@ -96,7 +107,18 @@ class DataConfig(Section):
         "llama_2, mistral_instruct) or a .jinja file; default: the model's own."
     )
     skip_bad: bool = Field(False, description="Skip samples that fail the data check (counted) instead of refusing the run.")
-    num_workers: int = Field(0, ge=0, description="Data-loader worker processes (images load lazily in them).")
+    num_workers: int = Field(0, ge=0, le=64, description="Data-loader worker processes (images load lazily in them).")
+    max_image_pixels: int = Field(
+        4096 * 4096, gt=0, description="Images with more pixels (width x height) are bad samples (see `data.skip_bad`), "
+        "or downscaled to fit when `data.downscale_large_images` is true."
+    )
+    downscale_large_images: bool = Field(
+        False, description="Downscale images larger than `data.max_image_pixels` when they load instead of refusing them."
+    )
+    confine_images: bool = Field(
+        False, description="Refuse any image outside `data.images_root` (or each data file's folder): "
+        "no `../`, absolute paths or symlinks leading out."
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -112,6 +134,21 @@ class LoraSettings(Section):
         default_factory=dict,
         description="Per component, the names of the linear layers to adapt (e.g. `{llm: [q_proj, v_proj]}`); "
         "default: every linear layer of the component.",
+    )
+
+
+class QuantSettings(Section):
+    """QLoRA: the base weights of these components load quantized by bitsandbytes and stay frozen;
+    LoRA adapters train on top in `compute_dtype`."""
+
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (with `tune.quantize=4bit`).")
+    double_quant: bool = Field(True, description="Also quantize the quantization constants (4-bit).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the matmuls on quantized weights (`auto`: bfloat16 on a GPU that has it, else float32)."
+    )
+    components: list[str] = Field(
+        default_factory=lambda: ["llm"],
+        description="Components loaded quantized (default: the LLM; vision tower and projector stay in full precision).",
     )
 
 
@@ -148,6 +185,10 @@ class TuneConfig(Section):
         "last half of a layer list, `stages[:].layers[-1]` the last layer of each stage), e.g. MGM's "
         "`{vision: ['encoder.layers[1/2:]'], vision_aux: ['encoder.stages[:].layers[-1]']}`.",
     )
+    quantize: Literal["4bit", "8bit"] | None = Field(
+        None, description="QLoRA: load `tune.quant.components` quantized (bitsandbytes) under their LoRA adapters."
+    )
+    quant: QuantSettings = Field(default_factory=QuantSettings)
 
     @model_validator(mode="after")
     def _extra_modes(self) -> TuneConfig:
@@ -161,6 +202,15 @@ class TuneConfig(Section):
     def _something_trains(self) -> TuneConfig:
         if all(mode == "frozen" for mode in self.modes().values()):
             raise ValueError("every component is frozen: set at least one of `tune.vision`, `tune.projector`, `tune.llm` to `full` or `lora`")
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_are_not_full(self) -> TuneConfig:
+        if self.quantize:
+            full = [c for c in self.quant.components if self.mode(c) == "full"]
+            if full:
+                raise ValueError(f"`tune.quantize`: a quantized component cannot be fully trained ({', '.join(full)}); "
+                                 f"set {', '.join(f'tune.{c}=lora' for c in full)} (QLoRA) or drop tune.quantize")
         return self
 
     def modes(self) -> dict[str, str]:
@@ -183,7 +233,7 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
-    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout (0 to 2**32-1).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="`auto` = bf16 on a GPU that supports it, else fp32. fp16 needs a CUDA GPU."
     )
@@ -215,3 +265,14 @@ class RunConfig(Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig
+
+    @model_validator(mode="after")
+    def _quantized_outputs(self) -> RunConfig:
+        if self.tune.quantize and self.output.merge:
+            raise ValueError("`output.merge` with `tune.quantize`: merging LoRA into quantized weights would round them "
+                             "again; merge afterwards onto the unquantized base: vlmtune merge --base BASE --llm-adapter OUT")
+        if self.tune.quantize and self.output.save == "delta":
+            raise ValueError("`output.save=delta` with `tune.quantize`: a QLoRA run saves a LoRA adapter; use output.save=full")
+        if self.tune.quantize and not self.model.path:
+            raise ValueError("`tune.quantize` needs `model.path` (a full model folder); build the VLM first (stage 1)")
+        return self

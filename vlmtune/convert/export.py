@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from vlmtune.checkpoints.load import LoadedModel, load_model
 from vlmtune.checkpoints.save import save_model_folder
 from vlmtune.convert.parts import XTUNER_RENAMES, rename_prefix
+from vlmtune.convert.weights import ConversionError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = ("hf", "safetensors", "pth", "xtuner-pth")
@@ -23,11 +24,21 @@ def save_converted(loaded: LoadedModel, out: str | Path, record: dict) -> Path:
                               "notes": loaded.notes, **record})
 
 
+def check_out(out: str | Path, folder: bool) -> None:
+    """Refuse an `--out` of the wrong kind before anything loads (or is staged in `.partial/`)."""
+    out = Path(out)
+    if folder and out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out} is an existing file, and this writes a model folder; choose a new folder path")
+    if not folder and out.is_dir():
+        raise ConversionError(f"--out {out} is a folder, and this format writes one file; give a file path")
+
+
 def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = None) -> Path:
     """Write `model` as `hf` (a folder), `safetensors` or `pth` (one file of `name -> tensor`), or
     `xtuner-pth` (XTuner's LLaVAModel naming, for its `pretrained_pth`)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
+    check_out(out, folder=fmt == "hf")
     loaded = load_model(model)
     net = loaded.model.to(DTYPES[dtype]) if dtype else loaded.model
     out = Path(out)

@@ -76,7 +76,7 @@ def convert_original(folder: Path, vision: Path | None, allow_unused=False, allo
         raise ConversionError(f"{folder}: no tokenizer files; copy the LLM's tokenizer into the folder")
     projector = projector_weights({k: v for k, v in state.items() if k.startswith("model.mm_projector")})
     model, processor = build_from_parts(
-        vision_model, AutoImageProcessor.from_pretrained(vision_dir), llm, AutoTokenizer.from_pretrained(tokenizer_dir),
+        vision_model, AutoImageProcessor.from_pretrained(vision_dir, trust_remote_code=False), llm, AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False),
         "linear" if raw.get("mm_projector_type") == "linear" else "mlp2x_gelu",
         vision_feature_layer=raw.get("mm_vision_select_layer", -2),
         drop_cls=raw.get("mm_vision_select_feature", "patch") == "patch",
@@ -100,7 +100,7 @@ def convert_transformers(folder: Path, allow_unused=False, allow_missing=False) 
     notes = check_accounting(str(folder), list(result.unexpected_keys), [k for k in result.missing_keys if k not in tied],
                              allow_unused, allow_missing)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
-    return LoadedModel(model, AutoProcessor.from_pretrained(folder), LLAVA, folder, "converted",
+    return LoadedModel(model, AutoProcessor.from_pretrained(folder, trust_remote_code=False), LLAVA, folder, "converted",
                        sources={c: str(folder) for c in LLAVA.components}, notes=notes)
 
 

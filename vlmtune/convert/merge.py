@@ -109,8 +109,10 @@ def assemble(parts: Parts) -> LoadedModel:
         if parts.projector is not None:
             projector_kind = "linear" if "linear.weight" in projector_weights(parts.projector) else "mlp2x_gelu"
         model, processor = build_from_parts(
-            load_vision(str(parts.vision)), AutoImageProcessor.from_pretrained(parts.vision),
-            AutoModelForCausalLM.from_pretrained(parts.llm), AutoTokenizer.from_pretrained(parts.llm), projector_kind)
+            load_vision(str(parts.vision), trust_remote_code=False),
+            AutoImageProcessor.from_pretrained(parts.vision, trust_remote_code=False),
+            AutoModelForCausalLM.from_pretrained(parts.llm, trust_remote_code=False),
+            AutoTokenizer.from_pretrained(parts.llm, trust_remote_code=False), projector_kind)
         loaded = LoadedModel(model, processor, LLAVA, parts.llm, "built")
         sources = {"vision": str(parts.vision), "llm": str(parts.llm), "projector": "NEWLY INITIALISED (no --projector)"}
     if parts.projector is not None:

@@ -90,14 +90,26 @@ def merge_adapter(module: nn.Module, adapter_dir: str | Path, rename=lambda key:
     if config.get("peft_type", "LORA") != "LORA":
         raise ConversionError(f"{adapter_dir}: only LoRA adapters can be merged (this one is {config.get('peft_type')})")
     state = read_state_dict(adapter_dir)
-    renamed, layers = {}, set()
+    renamed, layers, full = {}, set(), {}
     modules = dict(module.named_modules())
+    params = module.state_dict()
     for key, tensor in state.items():
-        path = rename(key.removeprefix("base_model.model."))
+        path = key.removeprefix("base_model.model.")
+        layer_name, lora, leaf = path.rpartition(".lora_")
+        if not lora:  # a fully trained module saved with the adapter (PEFT `modules_to_save`)
+            name = path if path in params else rename(path)
+            if name not in params:
+                raise ConversionError(f"{adapter_dir}: tensor {key} (a fully trained module saved with the adapter) "
+                                      "matches no parameter of the base; the adapter is for another model")
+            if tensor.shape != params[name].shape:
+                raise ConversionError(f"{adapter_dir}: tensor {key} has shape {tuple(tensor.shape)} but {name} needs "
+                                      f"{tuple(params[name].shape)}; the adapter was trained on a different base")
+            full[name] = tensor
+            continue
+        if layer_name not in modules:  # adapters on the bare LLM or vision encoder name layers without the VLM prefix
+            path = rename(path)
+            layer_name = path.rpartition(".lora_")[0]
         renamed["base_model.model." + path] = tensor
-        layer_name, _, leaf = path.rpartition(".lora_")
-        if not leaf:
-            continue  # modules_to_save and other full tensors are checked by PEFT's own loading
         layers.add(layer_name)
         layer = modules.get(layer_name)
         if not isinstance(layer, nn.Linear):
@@ -111,10 +123,16 @@ def merge_adapter(module: nn.Module, adapter_dir: str | Path, rename=lambda key:
                 f"{adapter_dir}: tensor {key} has shape {tuple(tensor.shape)} but layer {layer_name} "
                 f"({layer.in_features} -> {layer.out_features}) needs {expected}; the adapter was trained on a different base"
             )
-    with tempfile.TemporaryDirectory() as tmp:  # PEFT loads a renamed copy that targets exactly these layers
-        (Path(tmp) / "adapter_config.json").write_text(json.dumps({**config, "target_modules": sorted(layers)}))
-        save_file({k: v.contiguous() for k, v in renamed.items()}, str(Path(tmp) / "adapter_model.safetensors"))
-        merged = PeftModel.from_pretrained(module, tmp).merge_and_unload(safe_merge=True)
+    merged = module
+    if layers:
+        with tempfile.TemporaryDirectory() as tmp:  # PEFT loads a renamed copy that targets exactly these layers
+            (Path(tmp) / "adapter_config.json").write_text(
+                json.dumps({**config, "target_modules": sorted(layers), "modules_to_save": None}))
+            save_file({k: v.contiguous() for k, v in renamed.items()}, str(Path(tmp) / "adapter_model.safetensors"))
+            merged = PeftModel.from_pretrained(module, tmp).merge_and_unload(safe_merge=True)
+    if full:
+        targets = merged.state_dict()
+        merged.load_state_dict({k: v.to(targets[k].dtype) for k, v in full.items()}, strict=False)
     return merged
 
 

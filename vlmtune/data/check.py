@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from vlmtune.data.encode import EncodedSample, SampleDropped, SampleEncoder
+from vlmtune.data.images import DEFAULT_MAX_PIXELS, ImageChecker
 from vlmtune.data.records import Problem, Sample, iter_samples
+
+SKIPPED_FILE = "skipped_samples.jsonl"  # beside a run's output: every sample `data.skip_bad` left out
 
 
 @dataclass
@@ -19,6 +21,7 @@ class DataReport:
     samples: list[Sample] = field(default_factory=list)  # passed every check
     encoded: list[EncodedSample] = field(default_factory=list)  # when checked against a model
     problems: list[Problem] = field(default_factory=list)
+    downscaled: list[Problem] = field(default_factory=list)  # usable samples with images over the pixel limit
 
     @property
     def bad(self) -> int:
@@ -37,6 +40,9 @@ class DataReport:
             f"samples with images: {with_images}; text-only: {len(self.samples) - with_images}; "
             f"images: {sum(len(s.images) for s in self.samples)}",
         ]
+        if self.downscaled:
+            lines.append(f"samples with images over data.max_image_pixels, downscaled as they load: {len(self.downscaled)}")
+            lines += [f"  - {note}" for note in self.downscaled[:10]]
         if self.encoded:
             lengths = sorted(e.full_length for e in self.encoded)
             p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
@@ -48,36 +54,17 @@ class DataReport:
         return lines
 
 
-class _ImageChecker:
-    """Opens each distinct image file once (header only) and remembers what was wrong with it."""
-
-    def __init__(self):
-        self._seen: dict[Path, str | None] = {}
-
-    def problem(self, path: Path) -> str | None:
-        if path not in self._seen:
-            self._seen[path] = self._check(path)
-        return self._seen[path]
-
-    @staticmethod
-    def _check(path: Path) -> str | None:
-        if not path.is_file():
-            return f"image {path} does not exist"
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except (UnidentifiedImageError, OSError) as err:
-            return f"image {path} cannot be read: {err}"
-        if width == 0 or height == 0:
-            return f"image {path} is empty ({width}x{height})"
-        return None
-
-
-def check_data(files: list[str], images_root: str | None = None) -> DataReport:
-    """Parse every record and open every image (header only); collect every problem. Needs no model."""
+def check_data(files: list[str], images_root: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               downscale: bool = False) -> DataReport:
+    """Parse every record and decode every image (at reduced size where the format allows); collect every
+    problem. Needs no model."""
     report = DataReport(files=[str(f) for f in files])
-    images = _ImageChecker()
+    images = ImageChecker(max_pixels, downscale)
     for path in files:
+        if not Path(path).is_file():  # a missing file is not a bad sample: nothing in it was read
+            report.problems.append(Problem(str(path), None, "data file does not exist"))
+            continue
+        before = report.records
         for sample, found in iter_samples(path, images_root):
             report.records += 1
             if sample:
@@ -86,6 +73,10 @@ def check_data(files: list[str], images_root: str | None = None) -> DataReport:
                 report.problems += found
             else:
                 report.samples.append(sample)
+                report.downscaled += [Problem(sample.where, sample.id, note)
+                                      for note in filter(None, map(images.note, sample.images))]
+        if report.records == before:
+            report.problems.append(Problem(str(path), None, "the file holds no records"))
     return report
 
 
@@ -100,3 +91,12 @@ def encode_checked(report: DataReport, encoder: SampleEncoder) -> DataReport:
             report.problems.append(Problem(sample.where, sample.id, str(err)))
     report.samples = kept
     return report
+
+
+def write_problems(path: Path, problems: dict[str, list[Problem]]) -> Path:
+    """One JSON line per problem (`split`, `where`, `id`, `problem`): the full list, where the console shows 10."""
+    with open(path, "w") as fh:
+        for split, found in problems.items():
+            for p in found:
+                fh.write(json.dumps({"split": split, "where": p.where, "id": p.sample_id, "problem": p.message}) + "\n")
+    return path

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from vlmtune.data.encode import IGNORE, EncodedSample, Prompt
+from vlmtune.data.images import load_image
 from vlmtune.models import images as mm
 from vlmtune.models.family import Family
 
@@ -20,21 +19,15 @@ def collator_for(family: Family, pad_token_id: int, padding_side: str = "right")
 TEXT_KEYS = ("input_ids", "labels", "attention_mask")
 
 
-def load_image(path: Path, label: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as err:
-        raise OSError(f"{label}: cannot load image {path}: {err}") from err
-
-
 class ConversationDataset(Dataset):
     """Training items: `input_ids`, `labels`, per-token extras and the processor's image inputs."""
 
-    def __init__(self, items: list[EncodedSample] | list[Prompt], processor, family: Family):
+    def __init__(self, items: list[EncodedSample] | list[Prompt], processor, family: Family,
+                 max_image_pixels: int | None = None):
         self.items = items
         self.processor = processor
         self.family = family
+        self.max_image_pixels = max_image_pixels  # larger images are downscaled to this when they load
 
     def __len__(self) -> int:
         return len(self.items)
@@ -46,7 +39,7 @@ class ConversationDataset(Dataset):
             out["labels"] = torch.tensor(item.labels)
         out.update({key: torch.tensor(values) for key, values in item.extra.items()})
         if item.images:
-            images = [load_image(path, item.sample.label()) for path in item.images]
+            images = [load_image(path, item.sample.label(), self.max_image_pixels) for path in item.images]
             out.update(mm.image_inputs(self.processor, images, item.blocks, item.sample.label()))
         return out
 

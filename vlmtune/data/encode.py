@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from vlmtune.data.images import fitted_size
 from vlmtune.data.records import Sample
 from vlmtune.data.templates import TemplateRenderer
 from vlmtune.models import images as mm
@@ -56,22 +57,23 @@ class Prompt:
     extra: dict[str, list[int]] = field(default_factory=dict)
 
 
-def image_size(image: Path | Image.Image) -> tuple[int, int]:
-    """(width, height) from the file header; the pixels are not decoded."""
+def image_size(image: Path | Image.Image, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) the image loads at, from the file header; the pixels are not decoded."""
     if isinstance(image, Image.Image):
         return image.size
     with Image.open(image) as opened:
-        return opened.size
+        return fitted_size(*opened.size, max_pixels)
 
 
 class SampleEncoder:
     def __init__(self, processor, family: Family, max_length: int, loss_on: str = "assistant",
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, max_image_pixels: int | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.family = family
         self.max_length = max_length
         self.loss_on = loss_on
+        self.max_image_pixels = max_image_pixels  # images larger than this are downscaled as they load
         self.image_token = mm.image_token(processor)
         self.image_token_id = mm.image_token_id(processor)
         self.renderer = TemplateRenderer(processor, chat_template)
@@ -113,7 +115,7 @@ class SampleEncoder:
         if found != len(images):
             raise SampleDropped(f"{found} image placeholder(s) after applying the chat template, but "
                                 f"{len(images)} image(s)")
-        blocks = [mm.image_block(self.processor, image_size(image)) for image in images]
+        blocks = [mm.image_block(self.processor, image_size(image, self.max_image_pixels)) for image in images]
         out, spans, starts, shifts, last, shift = [], [], [], [], 0, 0
         for block in mm.number_blocks(self.processor, text, blocks):
             at = text.index(self.image_token, last)

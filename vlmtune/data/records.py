@@ -65,39 +65,64 @@ class DataError(ValueError):
 
 
 def iter_records(path: Path) -> Iterator[tuple[str, dict | None, Problem | None]]:
-    """Yield (where, record, problem) for each record of a JSON array or JSON Lines file."""
+    """Yield (where, record, problem) for each record of a JSON array or JSON Lines file.
+
+    Bytes are decoded per line (JSON Lines) or per record (JSON array), so invalid UTF-8 anywhere is a
+    problem of the line or record that holds it, never of the whole file."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            head = fh.read(4096).lstrip()
-    except (OSError, UnicodeDecodeError) as err:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    except OSError as err:
         yield path.name, None, Problem(str(path), None, f"cannot read the file: {err}")
         return
-    if head.startswith("["):
+    if head.startswith(b"["):
         yield from _json_array(path)
     else:
         yield from _json_lines(path)
 
 
+def _bad_utf8(value) -> bool:
+    """Whether a value decoded with `surrogateescape` holds bytes that were not valid UTF-8."""
+    if isinstance(value, str):
+        return any("\udc80" <= ch <= "\udcff" for ch in value)
+    if isinstance(value, dict):
+        return any(_bad_utf8(k) or _bad_utf8(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_bad_utf8(v) for v in value)
+    return False
+
+
+UTF8_HINT = "not valid UTF-8; re-save the file as UTF-8"
+
+
 def _json_array(path: Path):
+    text = path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="surrogateescape")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(text)
     except json.JSONDecodeError as err:
         yield path.name, None, Problem(f"{path.name} line {err.lineno}", None, f"broken JSON: {err.msg} (column {err.colno})")
         return
     for i, record in enumerate(records):
         where = f"{path.name} record {i}"
-        if isinstance(record, dict):
-            yield where, record, None
-        else:
+        if not isinstance(record, dict):
             yield where, None, Problem(where, None, f"a record must be a JSON object, got {type(record).__name__}")
+        elif _bad_utf8(record):
+            yield where, None, Problem(where, None, UTF8_HINT)
+        else:
+            yield where, record, None
 
 
 def _json_lines(path: Path):
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path.name} line {lineno}"
+            try:
+                line = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8") if lineno == 1 else raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, None, Problem(where, None, f"byte {raw[err.start]:#04x} at column {err.start + 1} is {UTF8_HINT}")
+                continue
             if not line.strip():
                 continue
-            where = f"{path.name} line {lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
@@ -157,7 +182,8 @@ def _role(turn: dict, index: int, key: str, problems: list[str]) -> str | None:
 
 def _parse_tagged_turns(turns: list, image_field, problems: list[str], minicpm: bool):
     """Turns whose text carries `<image>` tags (LLaVA, ShareGPT) or `<image_NN>` tags (MiniCPM-V)."""
-    role_key, text_key = ("role", "content") if (minicpm or (turns and "role" in turns[0])) else ("from", "value")
+    first = turns[0] if turns and isinstance(turns[0], dict) else {}
+    role_key, text_key = ("role", "content") if (minicpm or "role" in first) else ("from", "value")
     numbered: dict[str, str] = {}
     if isinstance(image_field, dict):  # MiniCPM-V multi-image: {"<image_00>": path, ...}
         numbered, paths = image_field, []
@@ -176,7 +202,7 @@ def _parse_tagged_turns(turns: list, image_field, problems: list[str], minicpm: 
     tag_count = 0
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            problems.append(f"turn {index} is not an object")
+            problems.append(f"turn {index} is not an object (got {json.dumps(turn)[:40]})")
             continue
         role = _role(turn, index, role_key, problems)
         text = turn.get(text_key)
@@ -222,7 +248,7 @@ def _parse_content_parts(turns: list, problems: list[str]):
     messages, images = [], []
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            problems.append(f"message {index} is not an object")
+            problems.append(f"message {index} is not an object (got {json.dumps(turn)[:40]})")
             continue
         role = _role(turn, index, "role", problems)
         content = turn.get("content")

@@ -1,9 +1,9 @@
 """`vlmtune demo --family mgm`: does the second, high-resolution encoder earn its place?
 
-Each 64x64 image holds one 3x3-pixel mark (plus, cross or corner: five pixels each, so brightness
+Each 32x32 image holds one 3x3-pixel mark (plus, cross or corner: five pixels each, so brightness
 does not tell them apart) inside one 4x4 cell on a noisy background; the question asks which. At
-16x16 — what the low-resolution ViT sees — the cell is one pixel, and the mark's shape is averaged
-away. A Mini-Gemini model (ViT at 16 + ConvNeXt at 64) and a LLaVA model (the same ViT at 16) are
+8x8 — what the low-resolution ViT sees — the cell is one pixel, and the mark's shape is averaged
+away. A Mini-Gemini model (ViT at 8 + ConvNeXt at 32) and a LLaVA model (the same ViT at 8) are
 built from scratch and trained with the same data, steps and learning rate; both are evaluated on
 held-out images."""
 
@@ -24,14 +24,14 @@ from vlmtune.inference.generate import evaluate
 from vlmtune.models import tiny
 from vlmtune.training.run import train
 
-IMAGE_SIZE, LOW_RES = 64, 16
+IMAGE_SIZE, LOW_RES = 32, 8
 MARKS = {"plus": [(1, 0), (0, 1), (1, 1), (2, 1), (1, 2)], "cross": [(0, 0), (2, 0), (1, 1), (0, 2), (2, 2)],
          "corner": [(0, 0), (0, 1), (0, 2), (1, 2), (2, 2)]}
 QUESTION = "Which mark is in the image?"
 VISION = {"image_size": LOW_RES, "patch_size": 4, "hidden": 64, "layers": 2, "heads": 2}
 LLM = {"hidden": 64, "layers": 2, "heads": 2}
 CONVNEXT = {"hidden_sizes": [16, 32, 32, 32], "depths": [1, 1, 1, 1], "image_size": IMAGE_SIZE}
-TRAIN = {"epochs": 8, "batch_size": 32, "lr": 2e-3, "warmup_ratio": 0.05, "logging_steps": 20, "save_steps": 0}
+TRAIN = {"epochs": 12, "batch_size": 32, "lr": 2e-3, "warmup_ratio": 0.05, "logging_steps": 20, "save_steps": 0}
 TUNES = {"mgm": {"vision": "full", "vision_aux": "full", "mining": "full", "projector": "full", "llm": "full"},
          "llava": {"vision": "full", "projector": "full", "llm": "full"}}
 

@@ -11,16 +11,22 @@ import torch
 from transformers import TextIteratorStreamer
 
 from vlmtune.checkpoints.load import LoadedModel, load_model
-from vlmtune.data.dataset import load_image
+from vlmtune.config import ConfigError
+from vlmtune.data.images import image_problem, load_image
 from vlmtune.data.encode import SampleEncoder
 from vlmtune.models import images as mm
 
-HELP = "commands: /image PATH (attach an image to your next message), /reset, /quit"
+HELP = "commands: /image PATH (attach an image to your next message), /reset (start over), /help, /quit"
 
 
 def chat(model: str | Path | LoadedModel, image: str | None = None, max_new_tokens: int = 256,
          stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> list[dict]:
-    """Read user lines from `stdin`, stream answers to `stdout`; returns the conversation."""
+    """Read user lines from `stdin`, stream answers to `stdout`; returns the conversation.
+
+    A bad `--image` is refused before the model loads; a bad `/image` is refused when given, and the
+    conversation goes on."""
+    if image and (problem := image_problem(Path(image))):
+        raise ConfigError(f"--image: {problem}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     processor, family, net = loaded.processor, loaded.family, loaded.model.eval()
     messages: list[dict] = []
@@ -33,14 +39,26 @@ def chat(model: str | Path | LoadedModel, image: str | None = None, max_new_toke
         if not line or line.strip() == "/quit":
             return messages
         line = line.strip()
+        if not line:
+            continue
+        if line == "/help":
+            print(HELP, file=stdout)
+            continue
         if line == "/reset":
             messages, images, pending = [], [], None
+            print("conversation cleared", file=stdout)
             continue
         if line.startswith("/image"):
-            pending = line.removeprefix("/image").strip()
-            if not Path(pending).is_file():
-                print(f"no such image: {pending}", file=stdout)
-                pending = None
+            candidate = line.removeprefix("/image").strip()
+            problem = image_problem(Path(candidate)) if candidate else "give an image path: /image PATH"
+            if problem:
+                print(f"not attached: {problem}", file=stdout)
+            else:
+                pending = candidate
+                print(f"attached {candidate} to your next message", file=stdout)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]}; {HELP}", file=stdout)
             continue
         parts = []
         if pending:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from vlmtune.checkpoints.load import LoadedModel, load_model
 from vlmtune.console import console
@@ -45,6 +46,7 @@ def generate_predictions(
     max_new_tokens: int = 64,
     max_length: int = 4096,
     options: LoadOptions | None = None,
+    show_progress: bool = True,
 ) -> tuple[list[Prediction], list[Problem]]:
     """Greedy answers for every sample of `data` (prompt = everything before the last assistant turn)."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model, options=options)
@@ -68,7 +70,8 @@ def generate_predictions(
         collate_fn=collator_for(loaded.family, tokenizer.pad_token_id, padding_side="left"),
     )
     predictions, start = [], 0
-    with torch.inference_mode():
+    progress = tqdm(total=len(prompts), desc="generating", unit="sample", disable=not show_progress)
+    with torch.inference_mode(), progress:
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             output = net.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
@@ -78,6 +81,7 @@ def generate_predictions(
             for prompt, text in zip(prompts[start:start + len(texts)], texts):
                 predictions.append(Prediction(prompt.sample.id, prompt.sample.where, text.strip(), prompt.target))
             start += len(texts)
+            progress.update(len(texts))
     return predictions, problems
 
 

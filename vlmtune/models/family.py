@@ -32,6 +32,8 @@ class LoadOptions:
     dtype: str | None = None  # "float32" | "bfloat16" | "float16" | None (as saved)
     attn_implementation: str | None = None  # "sdpa" | "eager" | "flash_attention_2" | None (default)
     device_map: str | None = None
+    # QLoRA: (bits, quant type, double quant, compute dtype, quantized component names)
+    quantize: tuple[int, str, bool, str, tuple[str, ...]] | None = None
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `from_pretrained` (trust_remote_code always explicit: never prompt)."""
@@ -76,6 +78,29 @@ class Family:
     concat_dims: tuple[tuple[str, int], ...] = ()
     notes: str = ""
 
+    def quantization_config(self, options: LoadOptions) -> dict[str, Any]:
+        """`from_pretrained` arguments that load the chosen components quantized, the others not."""
+        if options.quantize is None:
+            return {}
+        try:
+            import bitsandbytes  # noqa: F401
+            import torch
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise FamilyError("`tune.quantize` needs bitsandbytes: pip install 'vlmtune[qlora]'") from None
+        bits, kind, double, compute, quantized = options.quantize
+        unknown = [c for c in quantized if c not in self.components]
+        if unknown:
+            raise FamilyError(f"`tune.quant.components`: the {self.name} family has no component {unknown[0]!r} "
+                              f"(its components: {', '.join(self.components)})")
+        if compute == "auto":
+            compute = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+        keep = [p for c, prefixes in self.components.items() if c not in quantized for p in prefixes] + ["lm_head"]
+        config = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type=kind,
+                                    bnb_4bit_use_double_quant=double, bnb_4bit_compute_dtype=getattr(torch, compute),
+                                    llm_int8_skip_modules=keep)
+        return {"quantization_config": config, "device_map": options.device_map or (0 if torch.cuda.is_available() else "cpu")}
+
     def canonical_key(self, key: str) -> str:
         """A weight name as the current transformers module tree spells it."""
         for old, new in self.key_renames:
@@ -117,9 +142,14 @@ class Family:
         return found[0] if found else None
 
 
+def model_type_is(name: str) -> Callable[[Any], bool]:
+    """The usual `matches`: a config of this `model_type`."""
+    return lambda config: getattr(config, "model_type", None) == name
+
+
 def custom_family(model_type: str, components: dict[str, list[str]]) -> Family:
     """A model vlmtune has no family for, with the component map the user gave in `model.components`
     (module-path prefixes); it loads through `AutoModelForImageTextToText` and the processor's protocol."""
     return Family(name=f"custom ({model_type})", components={c: tuple(p) for c, p in components.items()},
-                  matches=lambda config: getattr(config, "model_type", None) == model_type)
+                  matches=model_type_is(model_type))
 

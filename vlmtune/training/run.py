@@ -4,38 +4,53 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging as hf_logging
 
 from vlmtune.checkpoints.load import LoadedModel
-from vlmtune.checkpoints.manifest import data_fingerprint, model_fingerprint, read_manifest
-from vlmtune.checkpoints.save import DELTA_WEIGHTS, STAGING, save_model_folder
+from vlmtune.checkpoints.manifest import MANIFEST, ManifestError, data_fingerprint, model_fingerprint, read_manifest
+from vlmtune.checkpoints.save import (
+    DELTA_WEIGHTS,
+    STAGING,
+    disk_full_error,
+    is_disk_full,
+    model_bytes,
+    remove_tree,
+    save_model_folder,
+)
 from vlmtune.checkpoints.verify import verify
 from vlmtune.config import ConfigError, RunConfig
+from vlmtune.config.paths import check_paths
 from vlmtune.convert.layouts import load_any
 from vlmtune.convert.merge import Parts, assemble
 from vlmtune.convert.parts import apply_state_dict
 from vlmtune.console import console, plan_table
-from vlmtune.data.check import DataReport, check_data, encode_checked
+from vlmtune.data.check import SKIPPED_FILE, DataReport, check_data, encode_checked, write_problems
 from vlmtune.data.dataset import ConversationDataset, collator_for
 from vlmtune.data.encode import SampleEncoder
-from vlmtune.data.records import DataError
+from vlmtune.data.records import DataError, Problem
 from vlmtune.models.family import LoadOptions
 from vlmtune.models.registry import builder
 from vlmtune.training.checkpointing import (
+    LOCK,
     CompleteCheckpoints,
     clean_staging,
     complete_checkpoints,
+    hold_output_dir,
+    latest_checkpoint,
     restore_full_weights,
     resume_point,
+    run_differences,
 )
-from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, plot_loss, read_log, truncate_log
+from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, StepLines, plot_loss, read_log, truncate_log
 from vlmtune.tuning.plan import TuningPlan
 
 BASE_DIR = "base"  # where a LoRA or delta run keeps a base model that exists nowhere else on disk
@@ -52,6 +67,14 @@ class TrainResult:
     dropped: int
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after clean-up (no `.partial/`, `loss.png` written): where the run stopped."""
+
+    def __init__(self, step: int, max_steps: int, checkpoint: Path | None):
+        super().__init__(step)
+        self.step, self.max_steps, self.checkpoint = step, max_steps, checkpoint
+
+
 def resolve_precision(precision: str) -> str:
     """`auto` -> bf16 on a capable GPU, else fp32; refuses what this machine cannot run."""
     cuda = torch.cuda.is_available()
@@ -62,11 +85,55 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"`output.dir`: {out} already exists and is not empty; choose a new folder or set output.overwrite=true"
-        )
+RUN_ENTRIES = {LOG_FILE, PLOT_FILE, "runs", BASE_DIR, MERGED_DIR, STAGING, MANIFEST, SKIPPED_FILE}
+MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "*.bin", "*.model", "*.tiktoken", "merges.txt", "vocab.txt", "README.md")
+
+
+def check_output_dir(out: Path, cfg: RunConfig) -> list[Path]:
+    """What `output.overwrite` will remove before training: an earlier run's files. Refuses a non-empty
+    folder without it (naming the command that continues the earlier run), anything that is not an
+    earlier run's file, and a folder that holds the run's own model or data."""
+    entries = sorted(p for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+    if not entries:
+        return []
+    checkpoints = [p.name for p in complete_checkpoints(out)]
+    names = {p.name for p in entries}
+    is_run = bool(checkpoints or names & {LOG_FILE, MANIFEST, STAGING} or any(n.startswith("checkpoint-") for n in names))
+    if not cfg.output.overwrite:
+        if checkpoints:
+            raise ConfigError(f"`output.dir`: {out} holds an earlier run (newest {checkpoints[-1]}); continue it with "
+                              "`vlmtune train CONFIG --resume`, or set output.overwrite=true to replace it")
+        if is_run and MANIFEST not in names:
+            raise ConfigError(f"`output.dir`: {out} holds what an interrupted run left (no complete checkpoint); "
+                              "start it again with `vlmtune train CONFIG output.overwrite=true`")
+        raise ConfigError(f"`output.dir`: {out} already exists and is not empty; choose a new folder or set "
+                          "output.overwrite=true (it replaces an earlier run's files)")
+    try:
+        listed = {Path(n).parts[0] for n in (read_manifest(out) or {}).get("files", {})}
+    except ManifestError:
+        listed = set()
+    foreign = [p.name for p in entries if not (
+        p.name in RUN_ENTRIES or p.name in listed or p.name.startswith("checkpoint-")
+        or (is_run and p.is_file() and any(p.match(pattern) for pattern in MODEL_FILES)))]
+    if foreign:
+        raise ConfigError(f"`output.overwrite`: {out} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
+                          "which no vlmtune run wrote; move it away or choose another output.dir")
+    m, d = cfg.model, cfg.data
+    inputs = [m.path, m.vision, m.llm, m.projector_weights, m.weights, d.images_root, *d.train, *d.eval]
+    inside = [p for p in inputs if p and Path(p).resolve().is_relative_to(out.resolve())]
+    if inside:
+        raise ConfigError(f"`output.overwrite`: {out} holds this run's own input {inside[0]}; replacing the folder "
+                          "would delete it, so choose another output.dir")
+    return entries
+
+
+def clear_earlier_run(out: Path, entries: list[Path]) -> None:
+    """`output.overwrite`: the new run starts from an empty folder. The manifest goes first, so a kill
+    midway never leaves a folder that looks complete."""
+    for entry in sorted(entries, key=lambda p: p.name != MANIFEST):
+        remove_tree(entry)
+    if entries:
+        console.print(f"output.overwrite: removed the earlier run's {len(entries)} file(s) and folder(s) from {out}")
 
 
 def refuse_bad_data(report: DataReport, cfg: RunConfig, role: str) -> None:
@@ -78,13 +145,29 @@ def refuse_bad_data(report: DataReport, cfg: RunConfig, role: str) -> None:
         )
 
 
+def confine_images(report: DataReport, roots: list[str]) -> None:
+    """`data.confine_images`: a sample whose image resolves (symlinks followed) outside every root
+    becomes a problem naming the sample."""
+    resolved = [Path(root).resolve() for root in roots]
+    kept = []
+    for sample in report.samples:
+        outside = [image for image in sample.images if not any(image.resolve().is_relative_to(r) for r in resolved)]
+        if outside:
+            report.problems.append(Problem(sample.where, sample.id, f"image {outside[0]} is outside "
+                                           f"{' and '.join(map(str, resolved))} (data.confine_images=true)"))
+        else:
+            kept.append(sample)
+    report.samples = kept
+
+
 def prepare_data(report: DataReport, cfg: RunConfig, encoder: SampleEncoder, role: str) -> DataReport:
     """Encode a checked split; refuse bad samples unless `data.skip_bad` (then count them)."""
     refuse_bad_data(encode_checked(report, encoder), cfg, role)
     for line in report.summary():
         console.print(f"\\[{role}] {line}")
     if report.problems:
-        console.print(f"\\[{role}] [yellow]skipped {report.bad} bad sample(s) (data.skip_bad=true):[/]")
+        console.print(f"\\[{role}] [yellow]skipped {report.bad} bad sample(s) (data.skip_bad=true; every one is "
+                      f"listed in {Path(cfg.output.dir) / SKIPPED_FILE}):[/]")
         for problem in report.problems[:10]:
             console.print(f"  - {problem}")
     if not report.encoded:
@@ -123,7 +206,11 @@ def load_or_build(cfg: RunConfig) -> LoadedModel:
 
 def load_options(cfg: RunConfig) -> LoadOptions:
     m = cfg.model
-    return LoadOptions(trust_remote_code=m.trust_remote_code, dtype=m.dtype, attn_implementation=m.attn_implementation)
+    q = cfg.tune.quant
+    quantize = ((4 if cfg.tune.quantize == "4bit" else 8), q.type, q.double_quant, q.compute_dtype,
+                tuple(q.components)) if cfg.tune.quantize else None
+    return LoadOptions(trust_remote_code=m.trust_remote_code, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                       quantize=quantize)
 
 
 def ensure_base_on_disk(loaded: LoadedModel, out: Path) -> Path:
@@ -190,41 +277,67 @@ def components_record(plan: TuningPlan, model, files: dict[str, list[str]]) -> d
             for row in plan.rows(model)}
 
 
-def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
-    """Run one training job described by `cfg`; returns where the model went and how the loss moved."""
+def train(cfg: RunConfig, resume: str | bool | None = None, force_resume: bool = False) -> TrainResult:
+    """Run one training job described by `cfg`; returns where the model went and how the loss moved.
+
+    The run holds `output.dir` from start to end: a second run on the same folder is refused."""
+    out = Path(cfg.output.dir)
+    with hold_output_dir(out):
+        return _train_holding_output_dir(cfg, out, resume, force_resume)
+
+
+def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | None, force_resume: bool) -> TrainResult:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    out = Path(cfg.output.dir)
-    resume = resume if resume is not None else cfg.train.resume
-    try:
-        checkpoint = resume_point(out, resume)
-    except FileNotFoundError as err:
-        raise ConfigError(str(err)) from None
-    if checkpoint is None:
-        check_output_dir(out, cfg.output.overwrite)
     precision = resolve_precision(cfg.train.precision)
     if cfg.train.tensorboard:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("`train.tensorboard`: the tensorboard package is not installed; pip install 'vlmtune[tensorboard]'")
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs")  # not under the checkpoint staging folder
+    check_paths(cfg)
+    resume = resume if resume is not None else cfg.train.resume
+    try:
+        checkpoint = resume_point(out, resume, say=lambda line: console.print(f"[yellow]{line}[/]"))
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    earlier = check_output_dir(out, cfg) if checkpoint is None else []
     # the checks that need no model come first: broken data fails fast, before any weights load
-    reports = {role: check_data(files, cfg.data.images_root)
+    reports = {role: check_data(files, cfg.data.images_root, cfg.data.max_image_pixels, cfg.data.downscale_large_images)
                for role, files in (("train", cfg.data.train), ("eval", cfg.data.eval)) if files}
     for role, report in reports.items():
+        if cfg.data.confine_images:
+            confine_images(report, [cfg.data.images_root] if cfg.data.images_root else [str(Path(f).parent) for f in report.files])
         refuse_bad_data(report, cfg, role)
 
     set_seed(cfg.train.seed)
     loaded = load_or_build(cfg)
     for line in loaded.report():
         console.print(line)
-    encoder = SampleEncoder(loaded.processor, loaded.family, cfg.data.max_length, cfg.data.loss_on, cfg.data.chat_template)
+    max_pixels = cfg.data.max_image_pixels if cfg.data.downscale_large_images else None
+    encoder = SampleEncoder(loaded.processor, loaded.family, cfg.data.max_length, cfg.data.loss_on, cfg.data.chat_template,
+                            max_pixels)
     if encoder.renderer.template is not None:  # the template trained with is the one saved and served
         loaded.processor.chat_template = encoder.renderer.template
     train_data = prepare_data(reports["train"], cfg, encoder, "train")
     eval_data = prepare_data(reports["eval"], cfg, encoder, "eval") if "eval" in reports else None
+    # what this run is: compared with a checkpoint's before anything in output.dir (e.g. base/) is rewritten
+    identity = {"config": cfg.model_dump(), "data": {"fingerprint": data_fingerprint(cfg.data.train)},
+                "source": base_record(loaded, None)}
+    if checkpoint is not None:
+        differences = run_differences(read_manifest(checkpoint), identity)
+        if differences and not force_resume:
+            raise ConfigError(f"--resume: {checkpoint} belongs to another run ({'; '.join(differences)}); resume with the "
+                              "config that wrote it, or pass --force-resume to continue from it anyway")
+        if differences:
+            console.print(f"[yellow]--force-resume: continuing from {checkpoint} although {'; '.join(differences)}[/]")
+        refuse_finished_run(checkpoint, out, planned_steps(cfg, len(train_data.encoded)))
 
     out.mkdir(parents=True, exist_ok=True)
-    clean_staging(out)
+    clear_earlier_run(out, earlier)
+    for line in clean_staging(out):
+        console.print(line)
+    if any(report.problems for report in reports.values()):
+        write_problems(out / SKIPPED_FILE, {role: report.problems for role, report in reports.items()})
     plan = TuningPlan(cfg.tune, loaded.family, cfg.train.lr)
     delta = cfg.output.save == "delta" and not plan.uses_lora
     base_path = ensure_base_on_disk(loaded, out) if plan.uses_lora or delta else None
@@ -235,11 +348,12 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
                       "modules beside its LoRA weights (train without LoRA to tune them)")
 
     record = {"family": loaded.family.name, "family_components": {c: list(p) for c, p in loaded.family.components.items()},
-              "base": base_record(loaded, base_path), "plan": plan.describe(),
-              "data": {"train": cfg.data.train, "eval": cfg.data.eval, "fingerprint": data_fingerprint(cfg.data.train),
+              "base": base_record(loaded, base_path), "source": identity["source"], "plan": plan.describe(),
+              "data": {"train": cfg.data.train, "eval": cfg.data.eval, "fingerprint": identity["data"]["fingerprint"],
                        "train_samples": len(train_data.encoded), "skipped": train_data.bad,
-                       "truncated": train_data.truncated},
-              "config": cfg.model_dump()}
+                       "truncated": train_data.truncated,
+                       "skipped_list": SKIPPED_FILE if any(r.problems for r in reports.values()) else None},
+              "config": identity["config"]}
 
     weights = "adapter_model.safetensors" if plan.uses_lora else "model.safetensors"
     files = {"*": [weights], "frozen": [f"base: {base_path}"] if plan.uses_lora else [weights]}  # per mode
@@ -255,8 +369,8 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
             restore_full_weights(model, checkpoint, loaded.family)
         console.print(f"resuming from {checkpoint}")
     optimizer = torch.optim.AdamW(plan.param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    dataset = ConversationDataset(train_data.encoded, loaded.processor, loaded.family)
-    eval_dataset = ConversationDataset(eval_data.encoded, loaded.processor, loaded.family) if eval_data else None
+    dataset = ConversationDataset(train_data.encoded, loaded.processor, loaded.family, max_pixels)
+    eval_dataset = ConversationDataset(eval_data.encoded, loaded.processor, loaded.family, max_pixels) if eval_data else None
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, out / STAGING, precision, eval_dataset is not None),
@@ -267,11 +381,29 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
         callbacks=[JsonlLogger(out / LOG_FILE), CompleteCheckpoints(out, checkpoint_record, cfg.train.save_total_limit)],
         optimizers=(optimizer, None),
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(StepLines)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.perf_counter() - started
-    if eval_dataset is not None:
-        trainer.evaluate()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        seconds = time.perf_counter() - started
+        final_step = trainer.state.global_step
+        if eval_dataset is not None and not any(  # the last eval step already evaluated the final weights
+                "eval_loss" in h and h.get("step") == final_step for h in trainer.state.log_history):
+            trainer.evaluate()
+    except KeyboardInterrupt:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, StepLines):
+                callback.close()
+        clean_staging(out)
+        plot_loss(out / LOG_FILE, out / PLOT_FILE)
+        raise TrainingInterrupted(trainer.state.global_step, trainer.state.max_steps, latest_checkpoint(out)) from None
+    except Exception as err:  # torch, safetensors and the OS each report a full disk their own way
+        if not is_disk_full(err):
+            raise
+        clean_staging(out)  # the half-written checkpoint
+        trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+        raise disk_full_error(out, model_bytes(model) + 2 * trainable, err) from None
 
     final = checkpoint_record(trainer.state)
     delta_keys = None
@@ -279,20 +411,45 @@ def train(cfg: RunConfig, resume: str | bool | None = None) -> TrainResult:
         tuned = {c for c in plan.components if plan.mode(c) != "frozen"}
         delta_keys = {k for k in model.state_dict() if plan.component_of(k) in tuned}
         final["components"] = components_record(plan, model, {"*": [DELTA_WEIGHTS], "frozen": [f"base: {base_path}"]})
-    save_model_folder(model, loaded.processor, out, final, delta_keys=delta_keys)
+    save_model_folder(model, loaded.processor, out, final, delta_keys=delta_keys, run_folder=True)
     if plan.uses_lora and cfg.output.merge:
         save_model_folder(model.merge_and_unload(), loaded.processor, out / MERGED_DIR,
                           {**final, "components": components_record(plan, model, {"*": ["model.safetensors"]}),
                            "merged_from": str(out)})
     clean_staging(out)
     plot_loss(out / LOG_FILE, out / PLOT_FILE)
-    check_run_outputs(out, cfg.output.merge and plan.uses_lora, load_options(cfg))
+    # a QLoRA adapter is checked on the unquantized base it records, as users load it
+    check_run_outputs(out, cfg.output.merge and plan.uses_lora, replace(load_options(cfg), quantize=None))
     losses = [r["loss"] for r in read_log(out / LOG_FILE) if "loss" in r]
     kind = f"LoRA adapter on {base_path}" if plan.uses_lora else (f"delta on {base_path}" if delta else "full model")
-    console.print(f"[green]saved and verified[/] {out} ({kind}); {trainer.state.global_step} steps in {seconds:.1f}s; "
-                  f"loss {losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}")
+    if losses:
+        loss = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+    else:  # fewer steps than train.logging_steps: only the Trainer's mean is known
+        loss = (f"mean loss {output.training_loss:.4f} (no step was logged: train.logging_steps="
+                f"{cfg.train.logging_steps} is more than the steps run)")
+    console.print(f"[green]saved and verified[/] {out} ({kind}); {trainer.state.global_step} steps in {seconds:.1f}s; {loss}")
     return TrainResult(out, trainer.state.global_step, losses[-1] if losses else None, losses[0] if losses else None,
                        seconds, train_data.bad)
+
+
+def planned_steps(cfg: RunConfig, samples: int) -> int:
+    """Optimizer steps the run takes, counted as the Trainer counts them on one device."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_epoch = max(math.ceil(math.ceil(samples / cfg.train.batch_size) / cfg.train.grad_accum), 1)
+    return math.ceil(cfg.train.epochs * per_epoch)
+
+
+def refuse_finished_run(checkpoint: Path, out: Path, planned: int) -> None:
+    """Resuming a run that already reached its last step would train nothing, yet save and prune again."""
+    done = max(read_manifest(folder)["state"]["step"] for folder in (checkpoint, out)
+               if (read_manifest(folder) or {}).get("state"))
+    if done >= planned:
+        raise ConfigError(
+            f"--resume: the run in {out} already finished ({done} of {planned} steps); nothing was changed. To train "
+            f"further, raise train.max_steps (or train.epochs) and resume; to fine-tune its result, start a new run "
+            f"with model.path={out}"
+        )
 
 
 def check_run_outputs(out: Path, merged: bool, options: LoadOptions | None = None) -> None:

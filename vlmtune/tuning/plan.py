@@ -118,8 +118,8 @@ class TuningPlan:
                 raise PlanError(f"tune.{component}=lora, but the {component} has no linear layers to adapt")
             unmatched = [n for n in names if n not in self._linear_names(model, component, all_layers=True)]
             if unmatched:
-                raise PlanError(f"`tune.lora.targets.{component}`: {unmatched} match no linear layer of the {component} "
-                                f"(its linear layers: {', '.join(self._linear_names(model, component, all_layers=True))})")
+                raise PlanError(f"`tune.lora.targets.{component}`: {', '.join(unmatched)} match(es) no layer of the "
+                                f"{component}; its linear layers are named: {', '.join(self._linear_names(model, component))}")
             prefixes = "|".join(re.escape(p) for p in self.blocks.get(component, self.family.components[component]))
             inner = [p for c in self.components if c != component for p in self.family.components[c]
                      if any(p.startswith(q + ".") for q in self.family.components[component])]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from transformers import Gemma3ForConditionalGeneration
 
-from vlmtune.models.family import Family
+from vlmtune.models.family import Family, model_type_is
 from vlmtune.models.registry import register
 
 GEMMA3 = register(Family(
@@ -16,7 +16,7 @@ GEMMA3 = register(Family(
         "projector": ("model.multi_modal_projector",),
         "llm": ("model.language_model", "lm_head"),
     },
-    matches=lambda config: getattr(config, "model_type", None) == "gemma3",
+    matches=model_type_is("gemma3"),
     model_class=Gemma3ForConditionalGeneration,
     token_type_keys=("token_type_ids",),
 ))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
 
-from vlmtune.models.family import Family
+from vlmtune.models.family import Family, model_type_is
 from vlmtune.models.registry import register
 
 COMPONENTS = {
@@ -20,13 +20,13 @@ COMPONENTS = {
 IDEFICS3 = register(Family(
     name="idefics3",
     components=COMPONENTS,
-    matches=lambda config: getattr(config, "model_type", None) == "idefics3",
+    matches=model_type_is("idefics3"),
     model_class=Idefics3ForConditionalGeneration,
 ))
 SMOLVLM = register(Family(
     name="smolvlm",
     components=COMPONENTS,
-    matches=lambda config: getattr(config, "model_type", None) == "smolvlm",
+    matches=model_type_is("smolvlm"),
     model_class=SmolVLMForConditionalGeneration,
     requires=("torchvision", "num2words"),
 ))

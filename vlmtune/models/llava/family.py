@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import LlavaForConditionalGeneration
 
-from vlmtune.models.family import Family
+from vlmtune.models.family import Family, model_type_is
 from vlmtune.models.llava.build import build
 from vlmtune.models.registry import register
 
@@ -16,7 +16,7 @@ LLAVA = register(
             "projector": ("model.multi_modal_projector",),
             "llm": ("model.language_model", "lm_head"),
         },
-        matches=lambda config: getattr(config, "model_type", None) == "llava",
+        matches=model_type_is("llava"),
         model_class=LlavaForConditionalGeneration,
         build=build,
         key_renames=(  # transformers before 4.52 (and 5.x when saving) name LLaVA weights this way

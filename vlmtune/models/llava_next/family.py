@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from transformers import LlavaNextForConditionalGeneration
 
-from vlmtune.models.family import Family
+from vlmtune.models.family import Family, model_type_is
 from vlmtune.models.registry import register
 
 LLAVA_NEXT = register(
@@ -16,7 +16,7 @@ LLAVA_NEXT = register(
             "projector": ("model.multi_modal_projector", "model.image_newline"),
             "llm": ("model.language_model", "lm_head"),
         },
-        matches=lambda config: getattr(config, "model_type", None) == "llava_next",
+        matches=model_type_is("llava_next"),
         model_class=LlavaNextForConditionalGeneration,
         key_renames=(
             ("language_model.model.", "model.language_model."),

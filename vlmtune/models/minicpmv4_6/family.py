@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from transformers import MiniCPMV4_6ForConditionalGeneration
 
-from vlmtune.models.family import Family
+from vlmtune.models.family import Family, model_type_is
 from vlmtune.models.registry import register
 
 MINICPMV4_6 = register(Family(
@@ -17,7 +17,7 @@ MINICPMV4_6 = register(Family(
         "projector": ("model.merger",),
         "llm": ("model.language_model", "lm_head"),
     },
-    matches=lambda config: getattr(config, "model_type", None) == "minicpmv4_6",
+    matches=model_type_is("minicpmv4_6"),
     model_class=MiniCPMV4_6ForConditionalGeneration,
     requires=("torchvision",),
     concat_dims=(("pixel_values", -1),),

@@ -16,7 +16,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from vlmtune.models.family import Family
+from vlmtune.models.family import Family, model_type_is
 from vlmtune.models.registry import register
 
 WRAPPERS = ("<|vision_start|>", "<|vision_end|>")
@@ -42,7 +42,7 @@ def _family(name: str, model_class: type, projector: tuple[str, ...]) -> Family:
     return register(Family(
         name=name,
         components={"vision": ("model.visual",), "projector": projector, "llm": LLM},
-        matches=lambda config: getattr(config, "model_type", None) == name,
+        matches=model_type_is(name),
         model_class=model_class,
         image_wrappers=WRAPPERS,
         key_renames=RENAMES,
