@@ -32,8 +32,10 @@ VISION = {"image_size": LOW_RES, "patch_size": 4, "hidden": 64, "layers": 2, "he
 LLM = {"hidden": 64, "layers": 2, "heads": 2}
 CONVNEXT = {"hidden_sizes": [16, 32, 32, 32], "depths": [1, 1, 1, 1], "image_size": IMAGE_SIZE}
 TRAIN = {"epochs": 12, "batch_size": 32, "lr": 2e-3, "warmup_ratio": 0.05, "logging_steps": 20, "save_steps": 0}
-TUNES = {"mgm": {"vision": "full", "vision_aux": "full", "mining": "full", "projector": "full", "llm": "full"},
-         "llava": {"vision": "full", "projector": "full", "llm": "full"}}
+IMAGE_LR = 5e-3  # the image path starts from scratch: a higher rate than the LLM's, the same for both models
+TUNES = {"mgm": {"vision": "full", "vision_aux": "full", "mining": "full", "projector": "full", "llm": "full",
+                 "lr": {"vision": IMAGE_LR, "vision_aux": IMAGE_LR, "mining": IMAGE_LR, "projector": IMAGE_LR}},
+         "llava": {"vision": "full", "projector": "full", "llm": "full", "lr": {"vision": IMAGE_LR, "projector": IMAGE_LR}}}
 
 
 def render(mark: str, rng: random.Random) -> Image.Image:
@@ -41,7 +43,7 @@ def render(mark: str, rng: random.Random) -> Image.Image:
     pixels = image.load()
     for x in range(IMAGE_SIZE):
         for y in range(IMAGE_SIZE):
-            shade = rng.randint(225, 255)
+            shade = rng.randint(235, 255)
             pixels[x, y] = (shade, shade, shade)
     cell = IMAGE_SIZE // LOW_RES  # the mark sits inside one low-res pixel: averaged away at low resolution
     ox, oy = cell * rng.randint(1, LOW_RES - 2), cell * rng.randint(1, LOW_RES - 2)
