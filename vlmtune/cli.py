@@ -161,7 +161,7 @@ def cmd_inspect(args) -> int:
         table.add_row(name, str(group["tensors"]), human_count(group["params"]), ",".join(group["dtypes"]),
                       (info.get("tuned") or {}).get(name, "-"))
     console.print(table)
-    for key in ("adapter", "needs_base", "state", "trainer_state"):
+    for key in ("adapter", "needs_base", "needs", "state", "trainer_state"):
         if info.get(key):
             console.print(f"{key}: {json.dumps(info[key], default=str)}")
     return 0
@@ -202,7 +202,7 @@ def refuse_existing_out(out, overwrite: bool) -> None:
 
 def cmd_merge(args) -> int:
     from vlmtune.convert.export import check_out
-    from vlmtune.convert.merge import Parts, assemble, xtuner_parts
+    from vlmtune.convert.merge import Parts, assemble, parts_from
 
     check_out(args.out, folder=True)
     refuse_existing_out(args.out, args.overwrite)
@@ -210,7 +210,7 @@ def cmd_merge(args) -> int:
              if k in ("base", "llm", "vision", "llm_adapter", "vision_adapter", "projector", "weights")}
     parts = Parts(**paths)
     if args.from_dir:
-        parts = xtuner_parts(Path(args.from_dir), parts)
+        parts = parts_from(Path(args.from_dir), parts)
     loaded = assemble(parts)
     return _write(loaded, args.out, {"merged_from": {k: str(v) for k, v in vars(parts).items() if v and k != "notes"}})
 
@@ -218,18 +218,22 @@ def cmd_merge(args) -> int:
 def cmd_convert(args) -> int:
     from vlmtune.convert.export import check_out
     from vlmtune.convert.foreign import convert
+    from vlmtune.models.family import ConvertOptions, LoadOptions
 
     check_out(args.out, folder=True)
     refuse_existing_out(args.out, args.overwrite)
-    loaded = convert(args.source, Path(args.vision) if args.vision else None, Path(args.llm) if args.llm else None,
-                     allow_unused=args.allow_unused, allow_missing=args.allow_missing)
+    options = ConvertOptions(vision=Path(args.vision) if args.vision else None, llm=Path(args.llm) if args.llm else None,
+                             allow_unused=args.allow_unused, allow_missing=args.allow_missing,
+                             chat_template=args.chat_template, command="convert")
+    loaded = convert(args.source, options, LoadOptions(trust_remote_code=args.trust_remote_code))
     return _write(loaded, args.out, {"converted_from": str(args.source)})
 
 
 def cmd_export(args) -> int:
     from vlmtune.console import console
-    from vlmtune.convert.export import export
+    from vlmtune.convert.export import check_out, export
 
+    check_out(args.out, folder=args.format == "hf")  # the wrong kind of --out is named before --overwrite matters
     refuse_existing_out(args.out, args.overwrite)
     console.print(f"[green]exported[/] {export(args.model, args.format, args.out, args.dtype)}")
     return 0
@@ -354,11 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=HelpFormatter,
                        description="Examples: vlmtune convert llava-v1.5-7b --vision clip-vit-l-336 --out llava-hf   |   "
                        "vlmtune convert mm_projector.bin --vision clip --llm vicuna --out stage1-hf")
-    p.add_argument("source", help="original-LLaVA folder, transformers LLaVA folder, or a projector file")
-    p.add_argument("--vision", help="vision tower folder (when the source does not carry it)")
-    p.add_argument("--llm", help="LLM folder (for a projector file)")
-    p.add_argument("--allow-unused", action="store_true", help="convert even if some source tensors are not used")
-    p.add_argument("--allow-missing", action="store_true", help="convert even if some parameters are not filled")
+    p.add_argument("source", help="original-LLaVA folder (full, LoRA or stage-1 output), transformers folder, or a "
+                   "projector file")
+    p.add_argument("--vision", help="vision tower folder (for a projector file, or instead of the tower the source "
+                   "names, e.g. a hub id that is not on disk)")
+    p.add_argument("--llm", help="LLM folder (for a projector file, or instead of the base LLM the source names)")
+    p.add_argument("--chat-template", help="the conversation format the source was trained with: a built-in "
+                   "(vicuna_v1, llama_2, mistral_instruct, chatml, default) or a .jinja file; default: read from the source")
+    p.add_argument("--allow-unused", action="store_true", help="convert even if some source tensors are not used "
+                   "(never drops modules that compute)")
+    p.add_argument("--allow-missing", action="store_true", help="convert even if some parameters are not in the source")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the source folder's own model code")
     p.add_argument("--out", required=True, help="output folder (written only if the whole conversion succeeds)")
     p.set_defaults(func=cmd_convert)
 

@@ -15,8 +15,10 @@ from families.mgm_reference import original_logits
 from families.test_mgm import CODE, color_data, run, timm_convnext_state
 from vlmtune.checkpoints.inspect import describe
 from vlmtune.convert.foreign import convert
-from vlmtune.convert.layouts import detect, load_any
+from vlmtune.convert.layouts import load_any
 from vlmtune.convert.weights import ConversionError
+from vlmtune.models.family import ConvertOptions
+from vlmtune.models.registry import layout_for
 from vlmtune.models import images as mm
 
 
@@ -48,7 +50,8 @@ def logits_pair(loaded, state, llm_dir):
 @pytest.mark.parametrize("stage", ["stage2", "stage1"])
 def test_original_folder_loads_with_mgm_logits_and_a_load_report(original, stage):
     folder = original[stage]
-    assert detect(folder).startswith("original Mini-Gemini")
+    family, layout = layout_for(folder)
+    assert family.name == "mgm" and layout.name.startswith("original Mini-Gemini")
     loaded = load_any(folder)
     assert loaded.family.name == "mgm" and loaded.kind == "converted"
     ours, theirs = logits_pair(loaded, original["state"], original["llm"])
@@ -103,7 +106,7 @@ def test_missing_llm_and_towers_are_errors_that_say_what_to_do(original, parts, 
     (stage1 / "config.json").write_text(json.dumps({**raw, "_name_or_path": "lmsys/vicuna-7b-v1.5"}))
     with pytest.raises(ConversionError, match="its LLM 'lmsys/vicuna-7b-v1.5' is not a folder here: give it with --llm"):
         load_any(stage1)
-    assert convert(stage1, llm=parts["llm"]).sources["llm"].startswith(str(parts["llm"]))
+    assert convert(stage1, ConvertOptions(llm=parts["llm"])).sources["llm"].startswith(str(parts["llm"]))
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])

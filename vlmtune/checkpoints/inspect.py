@@ -1,7 +1,8 @@
 """`vlmtune inspect`: what a folder or weight file is, without loading the model.
 
 Reads safetensors headers (or a weights-only `torch.load` for .bin/.pth), configs, the manifest and
-the trainer state; groups tensors by component through the model family's key names.
+the trainer state; groups tensors by component through the model family's key names. Foreign
+layouts are described by the family that registered them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from vlmtune.checkpoints.load import ModelLoadError
 from vlmtune.checkpoints.manifest import ManifestError, check_on_load, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS
 from vlmtune.models.registry import Family, families, family_for, layout_for
@@ -59,40 +61,24 @@ def _best_family(tensors: dict) -> Family | None:
 
 
 def _foreign(path: Path) -> dict | None:
-    """XTuner and original-LLaVA folders: what they are and what they need."""
-    from vlmtune.convert.foreign import is_original_llava
-    from vlmtune.convert.merge import is_xtuner_folder, xtuner_config_paths
-
-    if is_xtuner_folder(path):
-        named = xtuner_config_paths(path)
-        return {"layout": "XTuner pth_to_hf folder (load or merge it with vlmtune merge --from)",
-                "parts": {name: (path / name).exists() for name in ("llm_adapter", "visual_encoder_adapter", "visual_encoder",
-                                                                    "projector", "config.json")},
-                "needs_base": {key: {"path": value, "present": (Path(value) / "config.json").is_file()}
-                               for key, value in named.items()},
-                "components": {}, "files": sorted(p.name for p in path.iterdir())}
-    if is_original_llava(path):
-        config = json.loads((path / "config.json").read_text())
-        tensors = {}
-        for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-            tensors.update(tensor_shapes(file))
-        groups = _group({("projector" if "mm_projector" in k else "vision" if "vision_tower" in k else "llm") + "." + k: v
-                         for k, v in tensors.items()}, None)
-        tower = config.get("mm_vision_tower")
-        return {"layout": "original LLaVA repository folder (LlavaLlamaForCausalLM; vlmtune convert turns it into transformers LLaVA)",
-                "architecture": (config.get("architectures") or ["?"])[0], "projector_type": config.get("mm_projector_type"),
-                "needs_base": {"vision_tower": {"path": tower, "present": bool(tower) and (Path(tower) / "config.json").is_file(),
-                                                "in_checkpoint": "vision" in groups}},
-                "components": groups, "files": sorted(p.name for p in path.iterdir())}
-    return None
+    """A layout a family registered (original LLaVA, XTuner, ...): what it is and what it needs."""
+    found = layout_for(path)
+    if found is None:
+        return None
+    family, layout = found
+    info = {"layout": f"{layout.name} ({layout.hint})" if layout.hint else layout.name, "family": family.name}
+    return {**info, **(layout.describe(path) if layout.describe else {"components": {}})}
 
 
 def describe(path: str | Path, trust_remote_code: bool = False) -> dict:
     """A plain-data description of `path` (see the module docstring)."""
     path = Path(path)
+    foreign = _foreign(path)
+    if foreign:
+        return {"path": str(path), **foreign}
     if path.is_file():
         if path.suffix not in WEIGHT_SUFFIXES:
-            raise ValueError(f"{path}: not a weight file (expected one of {', '.join(WEIGHT_SUFFIXES)})")
+            raise ModelLoadError(f"{path}: not a weight file (expected one of {', '.join(WEIGHT_SUFFIXES)})")
         tensors = tensor_shapes(path)
         family = _best_family(tensors)
         info = {"path": str(path), "layout": f"weight file ({path.suffix})", "family": family.name if family else None,
@@ -104,17 +90,9 @@ def describe(path: str | Path, trust_remote_code: bool = False) -> dict:
             info["layout"] += ": an XTuner LLaVAModel state dict (pretrained_pth)"
         return info
     if not path.is_dir():
-        raise ValueError(f"{path} does not exist")
+        raise ModelLoadError(f"{path} does not exist")
     check_on_load(path)
     info: dict = {"path": str(path)}
-    found = layout_for(path)
-    if found:  # a family's own foreign layouts (e.g. original Mini-Gemini folders)
-        family, layout = found
-        return {**info, "layout": f"{layout.name}: {layout.hint}" if layout.hint else layout.name, "family": family.name,
-                **(layout.describe(path) if layout.describe else {})}
-    foreign = _foreign(path)
-    if foreign:
-        return {**info, **foreign}
     manifest = read_manifest(path)
     family = None
     if (path / "config.json").is_file():
@@ -133,8 +111,14 @@ def describe(path: str | Path, trust_remote_code: bool = False) -> dict:
                            "modules_to_save": adapter.get("modules_to_save")}
         info["needs_base"] = {"path": base, "present": bool(base) and (Path(base) / "config.json").is_file()}
         if family is None and info["needs_base"]["present"]:
-            family = family_for(AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code))
-            info["family"] = family.name
+            base_config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+            try:
+                family = family_for(base_config)
+                info["family"] = family.name
+            except ValueError:
+                info["needs"] = (f"its base is a {base_config.model_type} model, not a vision-language family vlmtune "
+                                 f"knows (a text-only LLM: merge the adapter into a VLM with vlmtune merge "
+                                 f"--llm-adapter {path})")
     elif (path / DELTA_WEIGHTS).is_file():
         base = (manifest or {}).get("base", {}).get("path")
         info["layout"] = "vlmtune delta (tuned components only)"

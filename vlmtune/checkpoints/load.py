@@ -174,8 +174,15 @@ def _load_adapter(folder: Path, options: LoadOptions, merge: bool, components=No
     from peft import PeftModel
 
     adapter = json.loads((folder / "adapter_config.json").read_text())
-    base = load_model(_base_folder(folder, adapter.get("base_model_name_or_path"), "adapter_config.json"),
-                      options=options, components=components, recorded=recorded_components(folder))
+    base_path = _base_folder(folder, adapter.get("base_model_name_or_path"), "adapter_config.json")
+    base_config = json.loads((base_path / "config.json").read_text())
+    if adapter.get("task_type") == "CAUSAL_LM" and "vision_config" not in base_config and components is None \
+            and not (base_path / "vlmtune.json").is_file():
+        raise ModelLoadError(
+            f"{folder} is a LoRA adapter on {base_path}, a text-only LLM ({base_config.get('model_type')}), not on a "
+            f"vision-language model; merge it into one with `vlmtune merge --base VLM --llm-adapter {folder} --out OUT` "
+            "(or --llm LLM --vision VISION --projector P instead of --base)")
+    base = load_model(base_path, options=options, components=components, recorded=recorded_components(folder))
     model = PeftModel.from_pretrained(base.model, folder)
     lora, full = set(), set()
     for name, module in model.named_modules():

@@ -10,7 +10,6 @@ from safetensors.torch import save_file
 
 from vlmtune.checkpoints.load import LoadedModel, load_model
 from vlmtune.checkpoints.save import save_model_folder
-from vlmtune.convert.parts import XTUNER_RENAMES, rename_prefix
 from vlmtune.convert.weights import ConversionError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -40,14 +39,18 @@ def export(model: str | Path, fmt: str, out: str | Path, dtype: str | None = Non
         raise ValueError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
     check_out(out, folder=fmt == "hf")
     loaded = load_model(model)
+    namings = dict(loaded.family.export_renames)
+    if fmt not in ("hf", "safetensors", "pth") and fmt not in namings:
+        raise ConversionError(f"{model}: a {loaded.family.name} model has no {fmt} naming "
+                              f"(its formats: hf, safetensors, pth{''.join(', ' + n for n in namings)})")
     net = loaded.model.to(DTYPES[dtype]) if dtype else loaded.model
     out = Path(out)
     if fmt == "hf":
         return save_converted(loaded, out, {"exported_from": str(model), "dtype": dtype or "as saved"})
     state = {}
-    to_xtuner = tuple((new, old) for old, new in XTUNER_RENAMES)
+    renames = namings.get(fmt, ())
     for name, tensor in net.state_dict().items():  # tied weights share storage: store each name separately
-        key = rename_prefix(name, to_xtuner) if fmt == "xtuner-pth" else name
+        key = next((new + name[len(old):] for old, new in renames if name.startswith(old)), name)
         state[key] = tensor.detach().clone().contiguous()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")

@@ -1,11 +1,10 @@
-"""Scattered parts onto a model: projector weights from any layout, and PEFT LoRA adapters merged
-through `peft` itself after checking that every tensor fits (PEFT alone only warns, and an adapter
-saved against another key naming silently does nothing)."""
+"""Scattered parts onto a model: PEFT LoRA adapters merged through `peft` itself after checking that
+every tensor fits (PEFT alone only warns, and an adapter saved against another key naming silently
+does nothing), and state dicts in any naming the family knows."""
 
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from pathlib import Path
 
@@ -14,66 +13,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlmtune.convert.weights import ConversionError, read_state_dict
-
-# projector key layouts: XTuner `projector/` (model.0, model.2), original LLaVA (model.mm_projector.0/.2,
-# or a single linear model.mm_projector), transformers (multi_modal_projector.linear_1/2)
-_PROJECTOR_PATTERNS = [
-    (re.compile(r"^(?:.*\.)?(?:mm_projector|projector\.model|model)\.0\.(weight|bias)$"), "linear_1"),
-    (re.compile(r"^(?:.*\.)?(?:mm_projector|projector\.model|model)\.2\.(weight|bias)$"), "linear_2"),
-    (re.compile(r"^(?:.*\.)?multi_modal_projector\.(linear_[12])\.(weight|bias)$"), None),
-    (re.compile(r"^(?:.*\.)?mm_projector\.(weight|bias)$"), "linear"),
-]
-
-
-def projector_weights(source: str | Path | dict) -> dict[str, torch.Tensor]:
-    """`linear_1.*` / `linear_2.*` (or `linear.*` for a single-layer projector) from any projector layout."""
-    state = source if isinstance(source, dict) else read_state_dict(source)
-    out, unused = {}, []
-    for key, tensor in state.items():
-        for pattern, target in _PROJECTOR_PATTERNS:
-            match = pattern.match(key)
-            if match:
-                name = f"{match.group(1)}.{match.group(2)}" if target is None else f"{target}.{match.group(1)}"
-                out[name] = tensor
-                break
-        else:
-            if "projector" in key:
-                unused.append(key)
-    if unused:
-        raise ConversionError(f"{source}: projector tensor(s) of an unknown layout: {unused[:5]}")
-    if not out:
-        raise ConversionError(f"{source}: no projector weights found (expected mm_projector.*, model.0/2.* or "
-                              "multi_modal_projector.*)")
-    return out
-
-
-def apply_projector(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> str:
-    """Copy projector weights into a LLaVA model; returns its kind (`mlp2x_gelu` or `linear`)."""
-    projector = model.model.multi_modal_projector
-    if "linear.weight" in weights:  # a single linear layer: first layer + identity second layer
-        weights = {"linear_1.weight": weights["linear.weight"], "linear_1.bias": weights.get("linear.bias"),
-                   "linear_2.weight": torch.eye(projector.linear_2.out_features, projector.linear_2.in_features),
-                   "linear_2.bias": torch.zeros(projector.linear_2.out_features)}
-        kind = "linear"
-    else:
-        kind = "mlp2x_gelu"
-    targets = dict(projector.named_parameters())
-    for name, tensor in weights.items():
-        if tensor is None:
-            continue
-        if name not in targets:
-            raise ConversionError(f"{source}: projector tensor {name} has no place in the model")
-        if tensor.shape != targets[name].shape:
-            raise ConversionError(
-                f"{source}: projector tensor {name} has shape {tuple(tensor.shape)} but the model needs "
-                f"{tuple(targets[name].shape)}; the projector was trained for another vision encoder or LLM width"
-            )
-        with torch.no_grad():
-            targets[name].copy_(tensor.to(targets[name].dtype))
-    if kind == "linear":
-        model.config.projector_hidden_act = "linear"
-        projector.act = nn.Identity()
-    return kind
 
 
 def merge_adapter(module: nn.Module, adapter_dir: str | Path, rename=lambda key: key) -> nn.Module:
@@ -136,34 +75,24 @@ def merge_adapter(module: nn.Module, adapter_dir: str | Path, rename=lambda key:
     return merged
 
 
-# XTuner's LLaVAModel state dict (`pretrained_pth`, iter_N.pth) -> transformers LLaVA module paths
-XTUNER_RENAMES = (
-    ("projector.model.0.", "model.multi_modal_projector.linear_1."),
-    ("projector.model.2.", "model.multi_modal_projector.linear_2."),
-    ("llm.model.", "model.language_model."),
-    ("llm.lm_head.", "lm_head."),
-    ("visual_encoder.", "model.vision_tower."),
-)
-
-
-def rename_prefix(key: str, renames) -> str:
-    for old, new in renames:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
-
-
 def apply_state_dict(model: nn.Module, family, source: str | Path) -> set[str]:
-    """Load a (possibly partial) state dict in transformers or XTuner naming over `model`; returns the
-    components it filled. Tensors that fit nowhere, or do not fit in shape, are errors."""
+    """Load a (possibly partial) state dict over `model`, in any naming the family knows (`key_renames`:
+    older transformers, other tools); returns the components it filled. Tensors that fit nowhere, or do
+    not fit in shape, are errors."""
     state = read_state_dict(source)
     if any("lora_" in key for key in state):
         raise ConversionError(f"{source} holds LoRA tensors, which cannot be merged without their adapter config "
-                              "(alpha, targets); use the adapter folders (vlmtune merge --from / --llm-adapter)")
+                              "(alpha, targets); use the adapter folders (for XTuner: `xtuner convert pth_to_hf`, "
+                              "then vlmtune merge --from that folder; or vlmtune merge --llm-adapter)")
     targets = model.state_dict()
+    embeddings = {p.data_ptr() for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
     renamed, unused = {}, []
     for key, tensor in state.items():
-        name = rename_prefix(family.canonical_key(key), XTUNER_RENAMES)
+        name = family.canonical_key(key)
+        if name in targets and targets[name].data_ptr() in embeddings and tensor.shape[1:] == targets[name].shape[1:] \
+                and tensor.shape[0] < targets[name].shape[0]:
+            # the source's vocabulary without the tokens vlmtune added (`<image>`): those rows keep theirs
+            tensor = torch.cat([tensor.to(targets[name].dtype), targets[name][tensor.shape[0]:]])
         if name not in targets:
             unused.append(key)
         elif tensor.shape != targets[name].shape:

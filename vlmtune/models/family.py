@@ -47,15 +47,34 @@ class LoadOptions:
         return out
 
 
+class ConversionError(ValueError):
+    """A layout that cannot be read, merged or converted; the message names the file or tensor and
+    what to do. Raised by the families' layouts and by `vlmtune.convert`."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What `vlmtune convert` / `merge` add to a foreign layout's load: parts that are not on disk where
+    the source says, leftovers the user accepts, the conversation format."""
+
+    vision: Path | None = None  # overrides the vision tower the source names (e.g. a hub id not on disk)
+    llm: Path | None = None  # overrides the base LLM the source names
+    allow_unused: bool = False
+    allow_missing: bool = False
+    chat_template: str | None = None  # a built-in template name or a .jinja file
+    command: str | None = None  # "convert" when the user ran it (messages then suggest its flags)
+
+
 @dataclass(frozen=True)
 class Layout:
     """A checkpoint layout vlmtune reads: how to recognise it, load it and describe it."""
 
     name: str  # e.g. "original LLaVA repository folder"
     detect: Callable[[Path], bool]
-    load: Callable[..., Any]  # (path, options: LoadOptions) -> LoadedModel
+    load: Callable[..., Any]  # (path, options: LoadOptions, convert: ConvertOptions) -> LoadedModel
     describe: Callable[[Path], dict] | None = None  # plain data for `vlmtune inspect`
     hint: str = ""  # what to do with it, for messages
+    parts: Callable[..., Any] | None = None  # (path, parts) -> parts, for `vlmtune merge --from`
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,10 @@ class Family:
     build: Callable[..., tuple[nn.Module, Any]] | None = None  # (vision, llm, projector, options) -> (model, processor)
     key_renames: tuple[tuple[str, str], ...] = ()  # older key namings -> current module paths
     layouts: tuple[Layout, ...] = ()
+    # (parts: convert.merge.Parts, base: LoadedModel | None) -> LoadedModel: `vlmtune merge`
+    merge: Callable[..., Any] | None = None
+    # `vlmtune export --format NAME`: module path prefix -> the other tool's prefix
+    export_renames: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     # (model, batch) -> position ids, where the model needs more than 0..n-1 (Qwen's 3-row rope)
     position_ids: Callable[[nn.Module, dict], Any] | None = None
     requires: tuple[str, ...] = ()  # Python packages its processor needs, e.g. ("torchvision",)

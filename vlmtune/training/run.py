@@ -183,7 +183,7 @@ def load_or_build(cfg: RunConfig) -> LoadedModel:
     if m.path:
         loaded = load_any(m.path, options=options, components=m.components)
     elif m.projector_weights:
-        loaded = assemble(Parts(llm=Path(m.llm), vision=Path(m.vision), projector=Path(m.projector_weights)))
+        loaded = assemble(Parts(llm=Path(m.llm), vision=Path(m.vision), projector=Path(m.projector_weights)), options)
     else:
         family = builder(m.family)
         family.check_requirements()
@@ -209,7 +209,9 @@ def load_options(cfg: RunConfig) -> LoadOptions:
     q = cfg.tune.quant
     quantize = ((4 if cfg.tune.quantize == "4bit" else 8), q.type, q.double_quant, q.compute_dtype,
                 tuple(q.components)) if cfg.tune.quantize else None
-    return LoadOptions(trust_remote_code=m.trust_remote_code, dtype=m.dtype, attn_implementation=m.attn_implementation,
+    # as `model.dtype` documents: as saved, but float32 on CPU (a fp16 Vicuna does not train there)
+    dtype = m.dtype or (None if torch.cuda.is_available() else "float32")
+    return LoadOptions(trust_remote_code=m.trust_remote_code, dtype=dtype, attn_implementation=m.attn_implementation,
                        quantize=quantize)
 
 
@@ -282,19 +284,26 @@ def train(cfg: RunConfig, resume: str | bool | None = None, force_resume: bool =
 
     The run holds `output.dir` from start to end: a second run on the same folder is refused."""
     out = Path(cfg.output.dir)
+    precision = check_environment(cfg, out)  # what needs no file comes first
+    check_paths(cfg)  # before the lock: `output.dir` may be a file
     with hold_output_dir(out):
-        return _train_holding_output_dir(cfg, out, resume, force_resume)
+        return _train_holding_output_dir(cfg, out, resume, force_resume, precision)
 
 
-def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | None, force_resume: bool) -> TrainResult:
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+def check_environment(cfg: RunConfig, out: Path) -> str:
+    """The precision this machine runs, and the optional packages the config asks for."""
     precision = resolve_precision(cfg.train.precision)
     if cfg.train.tensorboard:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("`train.tensorboard`: the tensorboard package is not installed; pip install 'vlmtune[tensorboard]'")
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs")  # not under the checkpoint staging folder
-    check_paths(cfg)
+    return precision
+
+
+def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | None, force_resume: bool,
+                              precision: str) -> TrainResult:
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     resume = resume if resume is not None else cfg.train.resume
     try:
         checkpoint = resume_point(out, resume, say=lambda line: console.print(f"[yellow]{line}[/]"))

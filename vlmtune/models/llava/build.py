@@ -48,10 +48,11 @@ def build(vision_dir: str, llm_dir: str, projector: str = "mlp2x_gelu", options:
 
 
 def build_from_parts(vision, image_processor, llm, tokenizer, projector: str = "mlp2x_gelu",
-                     vision_feature_layer: int = -2, drop_cls: bool | None = None):
+                     vision_feature_layer: int = -2, drop_cls: bool | None = None, chat_template: str | None = None):
     """Assemble a LLaVA model from loaded parts; the projector is newly initialised.
 
-    `drop_cls` (default: when the encoder has a CLS token) selects `vision_feature_select_strategy`."""
+    `drop_cls` (default: when the encoder has a CLS token) selects `vision_feature_select_strategy`;
+    `chat_template` (default: the tokenizer's, else vlmtune's) is the conversation format it keeps."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -91,7 +92,7 @@ def build_from_parts(vision, image_processor, llm, tokenizer, projector: str = "
         patch_size=vision.config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1 if has_cls else 0,
-        chat_template=tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE,
+        chat_template=chat_template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE,
     )
     return model, processor
 
@@ -100,10 +101,12 @@ def _assemble(config: LlavaConfig, vision, llm) -> LlavaForConditionalGeneration
     """The skeleton on the meta device; the loaded parts moved in, the projector initialised."""
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
+    dtype = next(llm.parameters()).dtype
+    if next(vision.parameters()).dtype != dtype:  # a fp16 Vicuna beside a fp32 CLIP: one dtype, the LLM's
+        vision = vision.to(dtype)
     model.model.vision_tower = vision
     model.model.language_model = llm.get_decoder()
     model.lm_head = llm.get_output_embeddings()
-    dtype = next(llm.parameters()).dtype
     model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
     model.model.multi_modal_projector.apply(model._init_weights)
     if config.tie_word_embeddings:

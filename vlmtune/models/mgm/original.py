@@ -23,7 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig
 
 from vlmtune.convert.weights import ConversionError, read_state_dict
-from vlmtune.models.family import LoadOptions
+from vlmtune.models.family import ConvertOptions, LoadOptions
 from vlmtune.models.mgm.build import IMAGE_TOKEN
 from vlmtune.models.mgm.configuration_mgm import MGMConfig
 from vlmtune.models.mgm.modeling_mgm import MGMForConditionalGeneration
@@ -95,8 +95,11 @@ def _folder(value) -> Path | None:
     return Path(value) if value and Path(value).is_dir() else None
 
 
-def load_original(path: Path, options: LoadOptions = LoadOptions(), llm: Path | None = None):
-    """An original MGM stage-1 or stage-2 folder as a vlmtune MGM model, with a per-component report."""
+def load_original(path: Path, options: LoadOptions = LoadOptions(), convert: ConvertOptions | None = None):
+    """An original MGM stage-1 or stage-2 folder as a vlmtune MGM model, with a per-component report;
+    `convert.llm` / `convert.vision` stand in for the LLM and ViT folders the config names."""
+    convert = convert or ConvertOptions()
+    llm = convert.llm
     from vlmtune.checkpoints.load import LoadedModel
     from vlmtune.models.mgm.family import MGM
 
@@ -130,13 +133,13 @@ def load_original(path: Path, options: LoadOptions = LoadOptions(), llm: Path | 
         sources["llm"] = f"{path}: model.layers.* / lm_head"
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
 
-    vit_dir, aux_dir = _folder(raw.get("mm_vision_tower")), _folder(raw.get("mm_vision_tower_aux"))
+    vit_dir, aux_dir = convert.vision or _folder(raw.get("mm_vision_tower")), _folder(raw.get("mm_vision_tower_aux"))
     has_vit = any(k.startswith("model.vision_tower.") for k in state)
     has_aux = any(k.startswith("model.vision_tower_aux.") for k in state)
     if not has_vit:
         if vit_dir is None:
             raise ConversionError(f"{path}: no ViT weights in the checkpoint and its mm_vision_tower "
-                                  f"{raw.get('mm_vision_tower')!r} is not a folder here; put the CLIP folder there")
+                                  f"{raw.get('mm_vision_tower')!r} is not a folder here; give the CLIP folder with --vision")
         from vlmtune.models.llava.build import load_vision
         state |= {"model.vision_tower." + k: v for k, v in load_vision(str(vit_dir)).state_dict().items()}
         vision, how = vision_config(state, vit_dir)
