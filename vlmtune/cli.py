@@ -239,7 +239,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+DEMO_IMAGES = (2000, 200)  # --family mgm has its own defaults (1500, 150) unless these are given
+
+
 def cmd_demo(args) -> int:
+    if args.family == "mgm":  # Mini-Gemini beside LLaVA on a task only the high-resolution encoder can see
+        from vlmtune.demo.detail import run_detail_demo
+
+        sizes = {k: v for k, v, default in (("train_images", args.train_images, DEMO_IMAGES[0]),
+                                            ("eval_images", args.eval_images, DEMO_IMAGES[1])) if v != default}
+        run_detail_demo(args.out if args.out != "demo-out" else "demo-mgm", seed=args.seed, **sizes)
+        return 0
     from vlmtune.demo.run import run_demo
 
     run_demo(args.out, train_images=args.train_images, eval_images=args.eval_images, seed=args.seed)
@@ -376,9 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=HelpFormatter,
                        description="Example: vlmtune demo --out demo-out")
     p.add_argument("--out", default="demo-out", help="output folder (data, models, report.json)")
-    p.add_argument("--train-images", type=int, default=2000, help="synthetic training images to render")
-    p.add_argument("--eval-images", type=int, default=200, help="held-out images for the accuracy before and after")
+    p.add_argument("--train-images", type=int, default=DEMO_IMAGES[0], help="synthetic training images to render")
+    p.add_argument("--eval-images", type=int, default=DEMO_IMAGES[1], help="held-out images for the accuracy before and after")
     p.add_argument("--seed", type=int, default=0, help="seed for the data, the model and training")
+    p.add_argument("--family", choices=("llava", "mgm"), default="llava",
+                   help="mgm: Mini-Gemini (ViT + high-res ConvNeXt) beside LLaVA on 3x3 marks a low-res view cannot see")
     p.set_defaults(func=cmd_demo)
 
     for name in ("merge", "convert", "export"):

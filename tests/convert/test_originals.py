@@ -155,15 +155,16 @@ def test_a_pickle_that_runs_code_is_refused(tiny_vlm, tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "o").exists()
 
 
-def test_mini_gemini_is_named_never_converted_with_modules_dropped(downloads, tmp_path, capsys):
+def test_mini_gemini_goes_to_the_mgm_family_never_converted_with_modules_dropped(downloads, tmp_path, capsys):
     folder = o.mini_gemini(tmp_path, downloads["llm"], downloads["vision"], downloads["llm_state"])
     assert main(["inspect", str(folder), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["layout"].startswith("Mini-Gemini checkpoint") and "mgm (auxiliary tower, mining)" in info["components"]
-    out = tmp_path / "out"
+    info = json.loads(capsys.readouterr().out)  # the mgm family's layout comes before llava's refusal
+    assert info["layout"].startswith("original Mini-Gemini folder") and info["family"] == "mgm"
+    assert {"vision_aux", "mining"} <= set(info["components"])
+    out = tmp_path / "out"  # this fixture's ConvNeXt has no norms or biases: refused, naming them
     assert main(["convert", str(folder), "--allow-unused", "--allow-missing", "--out", str(out)]) == 2
     printed = capsys.readouterr().out
-    assert "a Mini-Gemini checkpoint" in printed and "use the mgm family" in printed and not out.exists()
+    assert "do not fill the MGM model" in printed and "dwconv.bias" in printed and not out.exists()
     # a LLaVA folder that carries the mining modules is refused the same way, whatever the flags
     plain = o.llava_stage2(tmp_path / "p", downloads["llm"], downloads["vision"], downloads["llm_state"], with_tower=False)
     add_tensor(plain, "model.vlm_uni_query_projector.1.weight", torch.zeros(2, 2))

@@ -213,3 +213,25 @@ def _minicpmv4_6(src, kind):
 
 
 BUILDERS["minicpmv4_6"] = _minicpmv4_6
+
+
+CONVNEXT = dict(model_type="convnext", hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], image_size=32)
+
+
+def _mgm(src, kind):
+    """Mini-Gemini: ViT at 16 (2x2 tokens), ConvNeXt at 32 (an 8x8 first stage: a 4x4 window per token)."""
+    from vlmtune.models.mgm.configuration_mgm import MGMConfig
+    from vlmtune.models.mgm.modeling_mgm import MGMForConditionalGeneration
+    from vlmtune.models.mgm.processing_mgm import MGMImageProcessor, MGMProcessor
+
+    tok = tokenizer(kind, ["<image>"], src)
+    image_id, = _ids(tok, "<image>")
+    config = MGMConfig(vision_config={**CLIP, "model_type": "clip_vision_model"}, vision_aux_config=CONVNEXT,
+                       text_config={**LLAMA, "model_type": "llama", "vocab_size": len(tok)},
+                       image_token_id=image_id, image_size_aux=32)
+    images = MGMImageProcessor(image_size=16, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = MGMProcessor(images, tok, patch_size=8, chat_template=chat_template("<image>\n"))
+    return MGMForConditionalGeneration(config), processor
+
+
+BUILDERS["mgm"] = _mgm

@@ -44,6 +44,13 @@ class ModelConfig(Section):
     path: str | None = Field(None, description="A model folder (full model or vlmtune LoRA output) to fine-tune.")
     vision: str | None = Field(None, description="Vision encoder folder; with `model.llm`, builds a new VLM (stage 1).")
     llm: str | None = Field(None, description="Language model folder (with tokenizer); used with `model.vision`.")
+    vision_aux: str | None = Field(
+        None, description="With `model.family: mgm`: the high-resolution ConvNeXt folder (transformers ConvNextModel, "
+        "OpenCLIP with open_clip_config.json, or timm)."
+    )
+    image_size_aux: int | None = Field(
+        None, gt=0, description="With `model.vision_aux`: the high-resolution image size (default: the tower's own, e.g. 768 for MGM)."
+    )
     family: str | None = Field(
         None, description="With `model.vision` + `model.llm`: the family to build (default: llava). See `vlmtune inspect`."
     )
@@ -73,6 +80,9 @@ class ModelConfig(Section):
     def _one_source(self) -> ModelConfig:
         if self.projector_weights and self.path:
             raise ValueError("`model.projector_weights` goes with `model.vision` + `model.llm`; a `model.path` has its projector")
+        if (self.vision_aux or self.image_size_aux) and not (self.vision and self.llm):
+            raise ValueError("`model.vision_aux` / `model.image_size_aux` build a new MGM with `model.vision` + `model.llm`; "
+                             "a `model.path` has its aux tower")
         if self.path and (self.vision or self.llm):
             raise ValueError("give either `model.path` or `model.vision` + `model.llm`, not both")
         if not self.path and not (self.vision and self.llm):
@@ -169,6 +179,12 @@ class TuneConfig(Section):
     llm: Mode = Field("full", description="Language model: `frozen`, `full` or `lora`.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     lr: ComponentRates = Field(default_factory=ComponentRates)
+    blocks: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per component, train only these blocks (module paths inside the component; `layers[1/2:]` is the "
+        "last half of a layer list, `stages[:].layers[-1]` the last layer of each stage), e.g. MGM's "
+        "`{vision: ['encoder.layers[1/2:]'], vision_aux: ['encoder.stages[:].layers[-1]']}`.",
+    )
     quantize: Literal["4bit", "8bit"] | None = Field(
         None, description="QLoRA: load `tune.quant.components` quantized (bitsandbytes) under their LoRA adapters."
     )
@@ -176,7 +192,7 @@ class TuneConfig(Section):
 
     @model_validator(mode="after")
     def _extra_modes(self) -> TuneConfig:
-        refuse_near_typos(self.model_extra, COMPONENTS + ("lora", "lr"), "tune")
+        refuse_near_typos(self.model_extra, COMPONENTS + ("lora", "lr", "blocks"), "tune")
         for key, value in (self.model_extra or {}).items():
             if value not in MODES:
                 raise ValueError(f"`tune.{key}` must be one of {', '.join(MODES)} (got {value!r})")

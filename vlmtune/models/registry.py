@@ -5,12 +5,14 @@ line in `_BUILTIN`."""
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 from typing import Any
 
 from vlmtune.models.family import Family, FamilyError, Layout
 
 _BUILTIN = (  # import order is match order: specific families before generic ones
+    "vlmtune.models.mgm",  # first: its layouts read original Mini-Gemini folders that llava's refuse
     "vlmtune.models.llava",
     "vlmtune.models.llava_next",
     "vlmtune.models.qwen_vl",
@@ -19,20 +21,29 @@ _BUILTIN = (  # import order is match order: specific families before generic on
     "vlmtune.models.minicpmv4_6",
     "vlmtune.models.minicpmv",
 )
+DEFAULT_BUILDER = "llava"  # `model.vision` + `model.llm` without `model.family`
 _FAMILIES: list[Family] = []
 
 
+_RANK: dict[str, int] = {}  # family name -> position of its package in _BUILTIN
+
+
 def register(family: Family) -> Family:
+    """Add a family; its place in the match order is its package's place in `_BUILTIN`, whatever
+    order the packages happen to be imported in."""
+    module = sys._getframe(1).f_globals.get("__name__", "")
     if all(f.name != family.name for f in _FAMILIES):
         _FAMILIES.append(family)
+        _RANK[family.name] = next((i for i, m in enumerate(_BUILTIN) if module == m or module.startswith(m + ".")),
+                                  len(_BUILTIN))
     return family
 
 
 def families() -> list[Family]:
-    """Every family, in registration order (imports are cached, so this is cheap after the first call)."""
+    """Every family, in `_BUILTIN` order (imports are cached, so this is cheap after the first call)."""
     for module in _BUILTIN:
         importlib.import_module(module)
-    return list(_FAMILIES)
+    return sorted(_FAMILIES, key=lambda f: _RANK[f.name])
 
 
 def supported() -> str:
@@ -60,10 +71,9 @@ def family_named(name: str) -> Family:
 
 
 def builder(name: str | None = None) -> Family:
-    """The family that builds a new VLM from a vision encoder and an LLM (`model.family`, default the first)."""
+    """The family that builds a new VLM from a vision encoder and an LLM (`model.family`, default llava)."""
     able = [f for f in families() if f.build is not None]
-    if name is None:
-        return able[0]
+    name = name or DEFAULT_BUILDER
     for family in able:
         if family.name == name:
             return family

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import os
 import time
@@ -186,8 +187,15 @@ def load_or_build(cfg: RunConfig) -> LoadedModel:
     else:
         family = builder(m.family)
         family.check_requirements()
-        model, processor = family.build(m.vision, m.llm, m.projector, options)
-        sources = {"vision": m.vision, "llm": m.llm, "projector": f"new ({m.projector})"}
+        parts = {k: v for k, v in (("vision_aux", m.vision_aux), ("image_size_aux", m.image_size_aux)) if v}
+        if parts and "vision_aux" not in inspect.signature(family.build).parameters:
+            raise ConfigError(f"`model.vision_aux` is for a dual-encoder family (`model.family: mgm`); the {family.name} "
+                              "family has one vision encoder")
+        model, processor = family.build(m.vision, m.llm, m.projector, options, **parts)
+        sources = {c: "new" for c in family.components} | {"vision": m.vision, "llm": m.llm,
+                                                            "projector": f"new ({m.projector})"}
+        if m.vision_aux:
+            sources["vision_aux"] = m.vision_aux
         loaded = LoadedModel(model, processor, family, Path(m.vision), "built", sources=sources)
     if m.weights:
         for component in apply_state_dict(loaded.model, loaded.family, m.weights):

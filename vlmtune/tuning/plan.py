@@ -16,6 +16,7 @@ from torch import nn
 
 from vlmtune.config.schema import TuneConfig
 from vlmtune.models.family import PEFT_PREFIX, Family
+from vlmtune.tuning.blocks import BlockError, block_paths
 
 
 class PlanError(ValueError):
@@ -38,6 +39,7 @@ class TuningPlan:
     default_lr: float
     totals: dict[str, int] = field(default_factory=dict)
     kept_frozen: list[str] = field(default_factory=list)  # parameters of full components an adapter cannot carry
+    blocks: dict[str, list[str]] = field(default_factory=dict)  # component -> module paths `tune.blocks` selects
 
     def __post_init__(self) -> None:
         self.validate()
@@ -53,6 +55,9 @@ class TuningPlan:
         named = [f"tune.{c}" for c in self.tune.modes() if c in explicit]
         named += [f"tune.lr.{c}" for c, v in self.tune.lr.model_dump().items() if v is not None]
         named += [f"tune.lora.targets.{c}" for c in self.tune.lora.targets]
+        named += [f"tune.blocks.{c}" for c in self.tune.blocks]
+        problems += [f"`tune.blocks.{c}`: the {c} is frozen; blocks select what trains inside a full or LoRA component"
+                     for c in self.tune.blocks if c in self.family.components and self.mode(c) == "frozen"]
         for key in named:
             section, component = key.rsplit(".", 1)
             if component not in self.family.components:
@@ -82,11 +87,16 @@ class TuningPlan:
     def apply(self, model: nn.Module) -> nn.Module:
         """Freeze, unfreeze and wrap `model` as planned; returns the model to train (maybe a PeftModel)."""
         self.family.check_components(model)
+        try:
+            self.blocks = {c: block_paths(model, self.family.components[c], specs, f"tune.blocks.{c}")
+                           for c, specs in self.tune.blocks.items()}
+        except BlockError as err:
+            raise PlanError(str(err)) from None
         self.totals = {c: 0 for c in self.components}
         for name, param in model.named_parameters():
             component = self.component_of(name)
             self.totals[component] += param.numel()
-            param.requires_grad = self.mode(component) == "full"
+            param.requires_grad = self.mode(component) == "full" and self.in_blocks(name, component)
         if not self.uses_lora:
             return model
         model = get_peft_model(model, self.lora_config(model))
@@ -94,6 +104,11 @@ class TuningPlan:
             if name.removeprefix(PEFT_PREFIX) in self.kept_frozen:
                 param.requires_grad = False
         return model
+
+    def in_blocks(self, name: str, component: str) -> bool:
+        """Inside the blocks `tune.blocks` selects for the component (everything when it selects none)."""
+        paths = self.blocks.get(component)
+        return paths is None or any(name == p or name.startswith(p + ".") for p in paths)
 
     def lora_config(self, model: nn.Module) -> LoraConfig:
         settings = self.tune.lora
@@ -108,7 +123,7 @@ class TuningPlan:
             if unmatched:
                 raise PlanError(f"`tune.lora.targets.{component}`: {', '.join(unmatched)} match(es) no layer of the "
                                 f"{component}; its linear layers are named: {', '.join(self._linear_names(model, component))}")
-            prefixes = "|".join(re.escape(p) for p in self.family.components[component])
+            prefixes = "|".join(re.escape(p) for p in self.blocks.get(component, self.family.components[component]))
             inner = [p for c in self.components if c != component for p in self.family.components[c]
                      if any(p.startswith(q + ".") for q in self.family.components[component])]
             exclude = "".join(rf"(?!{re.escape(p)}\.)" for p in inner)  # a nested component is not this one
@@ -147,7 +162,7 @@ class TuningPlan:
                 if f"{path}.{child}" not in others:
                     walk(f"{path}.{child}")
 
-        for prefix in self.family.components[component]:
+        for prefix in self.blocks.get(component, self.family.components[component]):
             walk(prefix)
         return out
 
@@ -195,4 +210,4 @@ class TuningPlan:
         return {
             c: {"mode": self.mode(c), "lr": self.lr(c) if self.mode(c) != "frozen" else None} for c in self.components
         } | {"lora": self.tune.lora.model_dump() if self.uses_lora else None,
-             "kept_frozen": list(self.kept_frozen)}
+             "kept_frozen": list(self.kept_frozen), "blocks": dict(self.blocks)}

@@ -187,6 +187,8 @@ def is_mgm(folder: Path) -> bool:
     if not (folder / "config.json").is_file():
         return False
     config = read_config(folder)
+    if "vision_aux_config" in config:  # vlmtune's own Mini-Gemini: a model folder the mgm family loads
+        return False
     if str(config.get("model_type", "")).startswith("mgm") or "mm_vision_tower_aux" in config:
         return True
     return any(arch.startswith("MGM") for arch in config.get("architectures") or [])

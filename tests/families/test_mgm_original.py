@@ -1,0 +1,119 @@
+"""Original Mini-Gemini folders (stage 1: config + mm_projector.bin; stage 2: sharded MGMLlamaForCausalLM)
+are recognised by `inspect`, read by `convert` and `model.path` with a per-component load report,
+give the logits of an independent MGM forward on MGM's own key names, and continue training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from families.mgm_original import RELEASED_TOWERS, VIT, original_state, write_stage1, write_stage2
+from families.mgm_reference import original_logits
+from families.test_mgm import CODE, color_data, run, timm_convnext_state
+from vlmtune.checkpoints.inspect import describe
+from vlmtune.convert.foreign import convert
+from vlmtune.convert.layouts import load_any
+from vlmtune.convert.weights import ConversionError
+from vlmtune.models.family import ConvertOptions
+from vlmtune.models.registry import layout_for
+from vlmtune.models import images as mm
+
+
+@pytest.fixture(scope="module")
+def original(parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mgm-original")
+    state = original_state(parts["llm"], timm_convnext_state())
+    return {"state": state, "stage2": write_stage2(root / "MGM-tiny", parts["llm"], state),
+            "stage1": write_stage1(root / "MGM-tiny-pretrain", parts["llm"], state), "llm": parts["llm"]}
+
+
+def original_config_tower(key: str) -> str:
+    return RELEASED_TOWERS[key]
+
+
+def logits_pair(loaded, state, llm_dir):
+    """vlmtune's logits and the independent forward's, on one padded image between two text pieces."""
+    processor = loaded.processor
+    tok = processor.tokenizer
+    before, after = tok("USER: ", add_special_tokens=True).input_ids, tok(" What color? ASSISTANT:", add_special_tokens=False).input_ids
+    pixels = mm.image_inputs(processor, [Image.new("RGB", (40, 24), (0, 0, 255))])
+    ids = before + [processor.image_token_id] * processor.num_image_tokens + after
+    with torch.no_grad():
+        ours = loaded.model.eval()(input_ids=torch.tensor([ids]), **pixels).logits
+    theirs = original_logits(state, llm_dir, VIT, pixels["pixel_values"], pixels["pixel_values_aux"], before, after)
+    return ours[..., : theirs.shape[-1]], theirs
+
+
+@pytest.mark.parametrize("stage", ["stage2", "stage1"])
+def test_original_folder_loads_with_mgm_logits_and_a_load_report(original, stage):
+    folder = original[stage]
+    family, layout = layout_for(folder)
+    assert family.name == "mgm" and layout.name.startswith("original Mini-Gemini")
+    loaded = load_any(folder)
+    assert loaded.family.name == "mgm" and loaded.kind == "converted"
+    ours, theirs = logits_pair(loaded, original["state"], original["llm"])
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    src = loaded.sources
+    assert set(src) == {"vision", "vision_aux", "mining", "projector", "llm"}
+    checkpoint_file = "mm_projector.bin" if stage == "stage1" else folder.name
+    assert "model.vision_tower.vision_tower.vision_model.*" in src["vision"] and checkpoint_file in src["vision"]
+    assert "vision_stem|vision_stages" in src["vision_aux"] and "float16 -> float32" in src["vision_aux"]
+    assert "vlm_uni_" in src["mining"] and "mm_projector" in src["projector"]
+    assert src["llm"].startswith(str(original["llm"]) if stage == "stage1" else str(folder))
+
+
+def test_inspect_names_the_layout_components_and_missing_towers(original, capsys):
+    from vlmtune.cli import main
+
+    info = describe(original["stage1"])
+    assert info["family"] == "mgm" and info["stage"] == 1 and "mm_projector.bin" in info["layout"]
+    assert set(info["components"]) == {"vision", "vision_aux", "mining", "projector"}
+    assert info["components"]["vision_aux"]["dtypes"] == ["float16"]
+    assert info["needs_base"]["mm_vision_tower_aux"] == {"path": original_config_tower("mm_vision_tower_aux"),
+                                                         "present": False, "in_checkpoint": True}
+    assert info["needs_base"]["_name_or_path"]["present"] is True
+    info = describe(original["stage2"])
+    assert info["architecture"] == "MGMLlamaForCausalLM" and set(info["components"]) == {
+        "vision", "vision_aux", "mining", "projector", "llm"}
+    assert main(["inspect", str(original["stage2"])]) == 0
+    assert "original Mini-Gemini folder" in capsys.readouterr().out
+
+
+def test_convert_writes_a_folder_plain_transformers_loads(original, tmp_path):
+    from vlmtune.convert.export import save_converted
+
+    loaded = convert(original["stage2"])
+    out = save_converted(loaded, tmp_path / "converted", {"converted_from": str(original["stage2"])})
+    assert CODE <= {p.name for p in out.iterdir()}
+    manifest = json.loads((out / "vlmtune.json").read_text())
+    assert manifest["family"] == "mgm" and "vlm_uni_" in manifest["base"]["sources"]["mining"]
+    from vlmtune.cli import main  # the command: convert, then verify (load, hashes, a forward pass)
+
+    assert main(["convert", str(original["stage1"]), "--out", str(tmp_path / "cli")]) == 0
+    assert CODE <= {p.name for p in (tmp_path / "cli").iterdir()}
+
+
+def test_missing_llm_and_towers_are_errors_that_say_what_to_do(original, parts, tmp_path):
+    state = {k: v for k, v in original["state"].items() if not k.startswith("model.vision_tower_aux")}
+    write_stage2(tmp_path / "no-aux", parts["llm"], state)
+    with pytest.raises(ConversionError, match="no ConvNeXt weights in the checkpoint and its mm_vision_tower_aux"):
+        load_any(tmp_path / "no-aux")
+    stage1 = write_stage1(tmp_path / "stage1", parts["llm"], original["state"])
+    raw = json.loads((stage1 / "config.json").read_text())
+    (stage1 / "config.json").write_text(json.dumps({**raw, "_name_or_path": "lmsys/vicuna-7b-v1.5"}))
+    with pytest.raises(ConversionError, match="its LLM 'lmsys/vicuna-7b-v1.5' is not a folder here: give it with --llm"):
+        load_any(stage1)
+    assert convert(stage1, ConvertOptions(llm=parts["llm"])).sources["llm"].startswith(str(parts["llm"]))
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_original_folders_continue_training(original, stage, tmp_path):
+    data = color_data(tmp_path / "data")
+    tune = dict(vision="frozen", vision_aux="frozen", mining="full", projector="full",
+                llm="frozen" if stage == "stage1" else "lora")
+    manifest = run({"path": str(original[stage])}, tune, data, tmp_path / "out")
+    assert manifest["family"] == "mgm"
+    assert "vlm_uni_" in manifest["base"]["sources"]["mining"]
