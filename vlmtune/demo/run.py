@@ -25,11 +25,11 @@ VISION = {"image_size": shapes.IMAGE_SIZE, "patch_size": 8, "hidden": 96, "layer
 LLM = {"hidden": 128, "layers": 2}  # a small Llama
 STAGE1 = {  # alignment on captions; nothing is pretrained, so every component trains
     "tune": {"vision": "full", "projector": "full", "llm": "full"},
-    "train": {"epochs": 10, "batch_size": 32, "lr": 2e-3, "warmup_ratio": 0.05, "logging_steps": 20, "save_steps": 0},
+    "train": {"epochs": 12, "batch_size": 32, "lr": 2e-3, "warmup_ratio": 0.05, "logging_steps": 20, "save_steps": 0},
 }
 STAGE2 = {  # instruction tuning on questions mixed with the captions: the vision encoder stays as stage 1 left it
     "tune": {"vision": "frozen", "projector": "full", "llm": "full"},
-    "train": {"epochs": 6, "batch_size": 32, "lr": 5e-4, "warmup_ratio": 0.05, "logging_steps": 20, "save_steps": 0},
+    "train": {"epochs": 8, "batch_size": 32, "lr": 5e-4, "warmup_ratio": 0.05, "logging_steps": 20, "save_steps": 0},
 }
 
 
