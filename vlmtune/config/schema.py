@@ -119,6 +119,14 @@ class DataConfig(Section):
         False, description="Refuse any image outside `data.images_root` (or each data file's folder): "
         "no `../`, absolute paths or symlinks leading out."
     )
+    packing: bool = Field(
+        False, description="Pack several samples into each row (padding-free): per-sample positions, attention that "
+        "never crosses samples, images kept with their samples. Same loss as unpacked batches, fewer wasted tokens."
+    )
+    group_by_length: bool = Field(
+        False, description="Batch samples of similar encoded length together (lengths known after encoding; "
+        "no image is decoded to measure one), so less of each batch is padding."
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -221,6 +229,23 @@ class TuneConfig(Section):
         return self.modes().get(component, "frozen")
 
 
+class DistributedConfig(Section):
+    """How several processes share the work; the engines are torch's (DDP, FSDP2) and DeepSpeed's, driven by
+    the transformers Trainer. One process ignores this section."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="`ddp`: every process holds the whole model; `fsdp`: FSDP2 shards parameters, gradients and "
+        "optimizer states; `deepspeed`: ZeRO stage `train.distributed.zero_stage` (needs a CUDA GPU)."
+    )
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 shards gradients and optimizer states, 3 also parameters.")
+    offload_optimizer: bool = Field(False, description="DeepSpeed: keep optimizer states in CPU memory.")
+    offload_params: bool = Field(False, description="DeepSpeed ZeRO-3: keep parameters in CPU memory.")
+    deepspeed_config: str | None = Field(
+        None, description="A DeepSpeed JSON config to pass through instead of the one vlmtune writes from this section."
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend: `auto` = nccl on GPUs, gloo on CPU.")
+
+
 class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when `train.max_steps` is set).")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides `train.epochs`.")
@@ -246,6 +271,7 @@ class TrainConfig(Section):
     resume: str | None = Field(
         None, description="`auto`: continue from the newest complete checkpoint in `output.dir`; or a checkpoint folder."
     )
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
 class OutputConfig(Section):
