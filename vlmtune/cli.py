@@ -202,7 +202,8 @@ def refuse_existing_out(out, overwrite: bool) -> None:
 
 def cmd_merge(args) -> int:
     from vlmtune.convert.export import check_out
-    from vlmtune.convert.merge import Parts, assemble, parts_from
+    from vlmtune.convert.merge import assemble, parts_from
+    from vlmtune.models.parts import Parts
 
     check_out(args.out, folder=True)
     refuse_existing_out(args.out, args.overwrite)
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlmtune.checkpoints.save import DiskFullError, OutputExistsError
     from vlmtune.config import ConfigError
     from vlmtune.console import console
-    from vlmtune.convert.weights import ConversionError
+    from vlmtune.models.weights import ConversionError
     from vlmtune.data.records import DataError
     from vlmtune.data.templates import TemplateError
     from vlmtune.models.family import FamilyError

@@ -78,7 +78,7 @@ def test_each_original_converts_to_its_logits(downloads, tmp_path, capsys, kind,
 
 def test_model_path_leftovers_name_the_convert_command(downloads, tmp_path):
     from vlmtune.convert.layouts import load_any
-    from vlmtune.convert.weights import ConversionError
+    from vlmtune.models.weights import ConversionError
 
     original = o.llava_stage2(tmp_path, downloads["llm"], downloads["vision"], downloads["llm_state"], with_tower=False)
     add_tensor(original, "model.mm_resampler.weight", torch.zeros(2))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fixtures import originals as o
-from vlmtune.convert.weights import ConversionError, load_pickle, read_state_dict
+from vlmtune.models.weights import ConversionError, load_pickle, read_state_dict
 
 
 def test_an_mmengine_checkpoint_is_read_without_mmengine(tmp_path):

@@ -16,7 +16,7 @@ from families.test_mgm import CODE, color_data, run, timm_convnext_state
 from vlmtune.checkpoints.inspect import describe
 from vlmtune.convert.foreign import convert
 from vlmtune.convert.layouts import load_any
-from vlmtune.convert.weights import ConversionError
+from vlmtune.models.weights import ConversionError
 from vlmtune.models.family import ConvertOptions
 from vlmtune.models.registry import layout_for
 from vlmtune.models import images as mm

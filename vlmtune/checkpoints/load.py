@@ -6,18 +6,16 @@ from __future__ import annotations
 import json
 import pickle
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vlmtune.checkpoints.manifest import ManifestError, check_on_load, model_fingerprint, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS
 from vlmtune.models.family import ConvertOptions, Family, FamilyError, LoadOptions, custom_family
+from vlmtune.models.loaded import LoadedModel
 from vlmtune.models.registry import family_for, layout_for
 
 
@@ -36,28 +34,6 @@ def remote_code_refused(err: BaseException) -> str | None:
         return None
     return (f"{found[1]} holds its own model code (named by `auto_map` in its config), which vlmtune does not run "
             "unless told to: if you trust the folder, pass --trust-remote-code (train: model.trust_remote_code=true)")
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    processor: Any
-    family: Family
-    path: Path
-    kind: str  # "full" | "lora" | "delta" | "built" (from parts) | "converted" (from a foreign layout)
-    base: Path | None = None  # the base model folder an adapter or delta needs
-    sources: dict[str, str] = field(default_factory=dict)  # component -> where its weights came from
-    notes: list[str] = field(default_factory=list)  # unexpected or missing weights, in words
-
-    def report(self) -> list[str]:
-        """The load report: each component and its source, then anything surprising."""
-        if self.kind in ("built", "converted"):
-            lines = [f"{self.kind} a {self.family.name} model from {self.path}"]
-        else:
-            lines = [f"loaded {self.path} ({self.kind}{', base ' + str(self.base) if self.base else ''})"]
-        lines += [f"  {component:<10} {source}" for component, source in self.sources.items()]
-        lines += [f"  note: {note}" for note in self.notes]
-        return lines
 
 
 def has_processor(folder: Path) -> bool:

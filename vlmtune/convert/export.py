@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vlmtune.checkpoints.load import LoadedModel, load_model
+from vlmtune.models.loaded import LoadedModel
+from vlmtune.checkpoints.load import load_model
 from vlmtune.checkpoints.save import save_model_folder
-from vlmtune.convert.weights import ConversionError
+from vlmtune.models.weights import ConversionError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = ("hf", "safetensors", "pth", "xtuner-pth")

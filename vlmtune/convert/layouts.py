@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmtune.checkpoints.load import LoadedModel, ModelLoadError, load_model
+from vlmtune.models.loaded import LoadedModel
+from vlmtune.checkpoints.load import ModelLoadError, load_model
 from vlmtune.models.family import ConvertOptions, LoadOptions
 from vlmtune.models.registry import layout_for
 

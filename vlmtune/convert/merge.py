@@ -5,27 +5,13 @@ recognises DIR which parts it holds (`Layout.parts`, e.g. XTuner's `pth_to_hf` f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmtune.checkpoints.load import LoadedModel
-from vlmtune.convert.weights import ConversionError
+from vlmtune.models.loaded import LoadedModel
+from vlmtune.models.parts import Parts
+from vlmtune.models.weights import ConversionError
 from vlmtune.models.family import LoadOptions
 from vlmtune.models.registry import builder, layout_for, layout_names
-
-
-@dataclass
-class Parts:
-    base: Path | None = None
-    llm: Path | None = None
-    vision: Path | None = None
-    llm_adapter: Path | None = None
-    vision_adapter: Path | None = None
-    projector: Path | None = None
-    weights: Path | None = None  # a state dict (transformers or XTuner naming) loaded over the base
-    feature_layer: int | None = None  # the vision layer feeding the projector, when the source says (XTuner)
-    chat_template: str | None = None  # a built-in template name, when the source says which it was trained with
-    notes: list[str] = field(default_factory=list)  # where each part was found
 
 
 def parts_from(folder: Path, parts: Parts) -> Parts:

@@ -10,7 +10,8 @@ from typing import TextIO
 import torch
 from transformers import TextIteratorStreamer
 
-from vlmtune.checkpoints.load import LoadedModel, load_model
+from vlmtune.models.loaded import LoadedModel
+from vlmtune.checkpoints.load import load_model
 from vlmtune.config import ConfigError
 from vlmtune.data.images import image_problem, load_image
 from vlmtune.data.encode import SampleEncoder

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vlmtune.checkpoints.load import LoadedModel, load_model
+from vlmtune.models.loaded import LoadedModel
+from vlmtune.checkpoints.load import load_model
 from vlmtune.console import console
 from vlmtune.data.check import check_data
 from vlmtune.data.dataset import ConversationDataset, collator_for

@@ -15,7 +15,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging as hf_logging
 
-from vlmtune.checkpoints.load import LoadedModel
+from vlmtune.models.loaded import LoadedModel
 from vlmtune.checkpoints.manifest import MANIFEST, ManifestError, data_fingerprint, model_fingerprint, read_manifest
 from vlmtune.checkpoints.save import (
     DELTA_WEIGHTS,
@@ -30,8 +30,8 @@ from vlmtune.checkpoints.verify import verify
 from vlmtune.config import ConfigError, RunConfig
 from vlmtune.config.paths import check_paths
 from vlmtune.convert.layouts import load_any
-from vlmtune.convert.merge import Parts, assemble
-from vlmtune.convert.parts import apply_state_dict
+from vlmtune.convert.merge import assemble
+from vlmtune.models.parts import Parts, apply_state_dict
 from vlmtune.console import console, plan_table
 from vlmtune.data.check import SKIPPED_FILE, DataReport, check_data, encode_checked, write_problems
 from vlmtune.data.dataset import ConversationDataset, collator_for

@@ -70,7 +70,7 @@ XTUNER_TEMPLATES = {"vicuna": "vicuna_v1", "llama2_chat": "llama_2", "mistral": 
 
 
 def read_state_dict(path):
-    from vlmtune.convert.weights import read_state_dict as read
+    from vlmtune.models.weights import read_state_dict as read
 
     return read(path)
 
@@ -265,9 +265,9 @@ def load_tokenizer(folder: Path, options: LoadOptions):
 # ---------------------------------------------------------------- accounting
 
 def check_accounting(source: str, unused: list[str], unfilled: list[str], convert: ConvertOptions) -> list[str]:
-    """The generic accounting (`convert.foreign.check_accounting`), after refusing to drop tensors of
+    """The generic accounting (`models.parts.check_accounting`), after refusing to drop tensors of
     modules that compute in the source, whatever the flags."""
-    from vlmtune.convert.foreign import check_accounting as account
+    from vlmtune.models.parts import check_accounting as account
 
     for prefixes, message in COMPUTING:
         computing = [k for k in unused if k.startswith(prefixes)]
@@ -282,7 +282,7 @@ def _compose(folder: Path, config: dict, llm, tokenizer, state: dict, vision: Pa
              options: LoadOptions, unused: list[str], unfilled: list[str], sources: dict):
     """The parts of an original-LLaVA source into one model: its LLM (loaded), the remaining tensors
     (projector, tower, anything else), the tower folder for what the checkpoint does not carry."""
-    from vlmtune.checkpoints.load import LoadedModel
+    from vlmtune.models.loaded import LoadedModel
     from vlmtune.models.llava.family import LLAVA
 
     if config.get("mm_use_im_start_end"):
@@ -339,7 +339,7 @@ def convert_original(folder: Path, options: LoadOptions = LoadOptions(), convert
 def convert_lora_output(folder: Path, options: LoadOptions = LoadOptions(), convert: ConvertOptions = ConvertOptions()):
     """The original repository's `--lora_enable` output: a PEFT adapter on the LLM, `non_lora_trainables.bin`
     (projector, any other trained tensors) and the `mm_*` config; the base LLM and tower it names."""
-    from vlmtune.convert.parts import merge_adapter
+    from vlmtune.models.parts import merge_adapter
 
     config = read_config(folder)
     adapter = json.loads((folder / "adapter_config.json").read_text())
@@ -393,7 +393,7 @@ def convert_transformers4(folder: Path, options: LoadOptions = LoadOptions(),
     """A transformers LLaVA folder written before the processor recorded its image token count, often
     without a chat template (XTuner's `--save-format huggingface`): the weights through the family's
     renames, the processor completed from the model config, the template given or the default."""
-    from vlmtune.convert.foreign import convert_transformers
+    from vlmtune.models.parts import convert_transformers
     from vlmtune.data.templates import BUILTIN
     from vlmtune.models.chat_template import DEFAULT_CHAT_TEMPLATE
 

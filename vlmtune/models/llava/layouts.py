@@ -27,7 +27,7 @@ def tensor_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _read(path, map_location="cpu"):
-    from vlmtune.convert.weights import read_state_dict
+    from vlmtune.models.weights import read_state_dict
 
     return read_state_dict(path, map_location)
 
@@ -116,7 +116,7 @@ def is_xtuner_checkpoint(path: Path) -> bool:
     """XTuner's training checkpoint: an mmengine `iter_N.pth` (a torch zip whose pickle names the
     runner's `meta` and `message_hub`), or the DeepSpeed folder `iter_N.pth/` of the same name."""
     if path.is_dir():
-        from vlmtune.convert.weights import deepspeed_states
+        from vlmtune.models.weights import deepspeed_states
 
         return path.suffix == ".pth" and deepspeed_states(path) is not None
     if not (path.is_file() and path.suffix == ".pth" and zipfile.is_zipfile(path)):
@@ -132,7 +132,7 @@ def is_xtuner_checkpoint(path: Path) -> bool:
 # ---------------------------------------------------------------- loading
 
 def _load_xtuner(path: Path, options: LoadOptions, convert: ConvertOptions = ConvertOptions()):
-    from vlmtune.convert.merge import Parts
+    from vlmtune.models.parts import Parts
 
     parts = xtuner_parts(path, Parts(llm=convert.llm, vision=convert.vision, chat_template=convert.chat_template))
     return merge_parts(parts, None, options)

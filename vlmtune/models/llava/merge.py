@@ -82,8 +82,8 @@ def xtuner_parts(folder: Path, parts):
 def merge_parts(parts, base=None, options: LoadOptions = LoadOptions()):
     """The merged model, in memory; `base` is the loaded `--base` (any layout), else the model is built
     from `parts.llm` + `parts.vision`. Raises `ConversionError` naming what does not fit."""
-    from vlmtune.checkpoints.load import LoadedModel
-    from vlmtune.convert.parts import apply_state_dict, merge_adapter
+    from vlmtune.models.loaded import LoadedModel
+    from vlmtune.models.parts import apply_state_dict, merge_adapter
     from vlmtune.models.llava.family import LLAVA
 
     if base is not None:

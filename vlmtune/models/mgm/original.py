@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig
 
-from vlmtune.convert.weights import ConversionError, read_state_dict
+from vlmtune.models.weights import ConversionError, read_state_dict
 from vlmtune.models.family import ConvertOptions, LoadOptions
 from vlmtune.models.mgm.build import IMAGE_TOKEN
 from vlmtune.models.mgm.configuration_mgm import MGMConfig
@@ -100,7 +100,7 @@ def load_original(path: Path, options: LoadOptions = LoadOptions(), convert: Con
     `convert.llm` / `convert.vision` stand in for the LLM and ViT folders the config names."""
     convert = convert or ConvertOptions()
     llm = convert.llm
-    from vlmtune.checkpoints.load import LoadedModel
+    from vlmtune.models.loaded import LoadedModel
     from vlmtune.models.mgm.family import MGM
 
     raw = raw_config(path)

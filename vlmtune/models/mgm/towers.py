@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import ConvNextConfig, ConvNextModel
 
-from vlmtune.convert.weights import read_state_dict
+from vlmtune.models.weights import read_state_dict
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")

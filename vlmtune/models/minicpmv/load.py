@@ -38,7 +38,7 @@ def read_processor(path: Path) -> MiniCPMVProcessor:
 
 
 def load_folder(path: Path, options: LoadOptions):
-    from vlmtune.checkpoints.load import LoadedModel
+    from vlmtune.models.loaded import LoadedModel
     from vlmtune.models.minicpmv.family import MINICPMV
 
     if options.trust_remote_code:  # the user asked for the folder's own code

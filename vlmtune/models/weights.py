@@ -75,7 +75,7 @@ _placeholders: dict[tuple[str, str], type] = {}
 def _placeholder(module: str, name: str) -> type:
     key = (module, name)
     if key not in _placeholders:
-        _placeholders[key] = type(f"{module}.{name}", (Placeholder,), {"__module__": "vlmtune.convert.weights"})
+        _placeholders[key] = type(f"{module}.{name}", (Placeholder,), {"__module__": "vlmtune.models.weights"})
     return _placeholders[key]
 
 
