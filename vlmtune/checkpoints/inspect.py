@@ -8,48 +8,17 @@ layouts are described by the family that registered them.
 from __future__ import annotations
 
 import json
-import pickle
-from collections import defaultdict
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
 from transformers import AutoConfig
 
 from vlmtune.checkpoints.load import ModelLoadError
-from vlmtune.checkpoints.manifest import ManifestError, check_on_load, read_manifest
+from vlmtune.checkpoints.manifest import check_on_load, read_manifest
 from vlmtune.checkpoints.save import DELTA_WEIGHTS
 from vlmtune.models.registry import Family, families, family_for, layout_for
+from vlmtune.models.weights import group_components, tensor_shapes
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-
-
-def tensor_shapes(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype) for every tensor of a weight file; pickles load weights-only."""
-    if file.suffix == ".safetensors":
-        with safe_open(file, "pt") as fh:
-            return {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
-    try:
-        state = torch.load(file, map_location="meta", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ManifestError(f"{file} cannot be read as plain weights ({type(err).__name__}: "
-                            f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'damaged'}); "
-                            "it is damaged or holds objects other than tensors") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items() if hasattr(v, "shape")}
-
-
-def _group(tensors: dict, family: Family | None) -> dict[str, dict]:
-    groups: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "params": 0, "dtypes": set()})
-    for key, (shape, dtype) in tensors.items():
-        name = family.canonical_key(key.removeprefix("base_model.model.")) if family else key
-        component = (family.component_of(name) if family else None) or ("lora" if "lora_" in key else key.split(".")[0])
-        group = groups[component]
-        group["tensors"] += 1
-        group["params"] += int(torch.Size(shape).numel())
-        group["dtypes"].add(dtype)
-    return {c: {**g, "dtypes": sorted(g["dtypes"])} for c, g in groups.items()}
 
 
 def _best_family(tensors: dict) -> Family | None:
@@ -82,7 +51,7 @@ def describe(path: str | Path, trust_remote_code: bool = False) -> dict:
         tensors = tensor_shapes(path)
         family = _best_family(tensors)
         info = {"path": str(path), "layout": f"weight file ({path.suffix})", "family": family.name if family else None,
-                "components": _group(tensors, family)}
+                "components": group_components(tensors, family)}
         prefixes = {k.split(".")[0] for k in tensors}
         if all("mm_projector" in k or k.startswith("model.vlm_uni") for k in tensors):
             info["layout"] += ": a stage-1 projector (mm_projector.bin); needs --vision and --llm (vlmtune convert)"
@@ -133,7 +102,7 @@ def describe(path: str | Path, trust_remote_code: bool = False) -> dict:
     for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         if file.name != "training_args.bin":
             tensors.update(tensor_shapes(file))
-    info["components"] = _group(tensors, family)
+    info["components"] = group_components(tensors, family)
     if (path / "trainer_state.json").is_file():
         state = json.loads((path / "trainer_state.json").read_text())
         info["trainer_state"] = {"step": state.get("global_step"), "epoch": state.get("epoch"),

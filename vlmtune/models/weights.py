@@ -11,9 +11,11 @@ import _compat_pickle
 import json
 import pickle
 import types
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vlmtune.models.family import ConversionError
@@ -180,3 +182,32 @@ def read_state_dict(path: str | Path, map_location="cpu") -> dict[str, torch.Ten
     if path.suffix == ".safetensors":
         return load_file(str(path))
     return _tensors_of(load_pickle(path, map_location), path)
+
+
+def tensor_shapes(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) for every tensor of a weight file; pickles load weights-only."""
+    if file.suffix == ".safetensors":
+        with safe_open(file, "pt") as fh:
+            return {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
+    try:
+        state = torch.load(file, map_location="meta", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ConversionError(f"{file} cannot be read as plain weights ({type(err).__name__}: "
+                            f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'damaged'}); "
+                            "it is damaged or holds objects other than tensors") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def group_components(tensors: dict, family) -> dict[str, dict]:
+    """Tensors, parameters and dtypes per component of `family` (or per top-level name without one)."""
+    groups: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "params": 0, "dtypes": set()})
+    for key, (shape, dtype) in tensors.items():
+        name = family.canonical_key(key.removeprefix("base_model.model.")) if family else key
+        component = (family.component_of(name) if family else None) or ("lora" if "lora_" in key else key.split(".")[0])
+        group = groups[component]
+        group["tensors"] += 1
+        group["params"] += int(torch.Size(shape).numel())
+        group["dtypes"].add(dtype)
+    return {c: {**g, "dtypes": sorted(g["dtypes"])} for c, g in groups.items()}

@@ -199,7 +199,7 @@ def load_original(path: Path, options: LoadOptions = LoadOptions(), convert: Con
 
 def describe(path: Path) -> dict:
     """What `vlmtune inspect` shows for an original MGM folder (shapes only: nothing is loaded)."""
-    from vlmtune.checkpoints.inspect import tensor_shapes
+    from vlmtune.models.weights import tensor_shapes
     from vlmtune.models.mgm.family import MGM
 
     raw = raw_config(path) or {}

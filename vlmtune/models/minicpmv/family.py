@@ -63,7 +63,7 @@ def load_minicpmv(path, options: LoadOptions = LoadOptions(), convert=None):
 
 
 def describe(path: Path) -> dict:
-    from vlmtune.checkpoints.inspect import _group, tensor_shapes
+    from vlmtune.models.weights import group_components, tensor_shapes
 
     config = _config(path)
     tensors = {}
@@ -71,7 +71,7 @@ def describe(path: Path) -> dict:
         tensors.update(tensor_shapes(file))
     return {"version": config.get("version"), "query_num": config.get("query_num"),
             "slice_config": config.get("slice_config"), "llm": "qwen2" if float(config.get("version", 2.6)) >= 2.6 else "llama",
-            "components": _group(tensors, MINICPMV), "files": sorted(p.name for p in path.iterdir())}
+            "components": group_components(tensors, MINICPMV), "files": sorted(p.name for p in path.iterdir())}
 
 
 register_auto_classes()
