@@ -110,12 +110,15 @@ def cmd_data_show(args) -> int:
     return EXIT_BAD_DATA if report.problems else 0
 
 
+DEVICE_HELP = "auto (the first CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"
+
+
 def cmd_generate(args) -> int:
     from vlmtune.console import console
     from vlmtune.inference.generate import generate_predictions, write_predictions
 
     predictions, problems = generate_predictions(args.model, args.data, args.images_root, args.batch_size,
-                                                 args.max_new_tokens)
+                                                 args.max_new_tokens, device=args.device)
     write_predictions(predictions, args.out)
     for problem in problems:
         console.print(f"[yellow]skipped[/] {problem}")
@@ -128,7 +131,7 @@ def cmd_eval(args) -> int:
     from vlmtune.inference.generate import evaluate
 
     result = evaluate(args.model, args.data, out=args.out, images_root=args.images_root, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, device=args.device)
     console.print(f"exact-match accuracy {result['accuracy']:.4f} ({result['correct']}/{result['evaluated']}; "
                   f"{result['skipped']} skipped); per-sample results: {args.out}")
     return 0
@@ -137,7 +140,7 @@ def cmd_eval(args) -> int:
 def cmd_chat(args) -> int:
     from vlmtune.inference.chat import chat
 
-    chat(args.model, image=args.image, max_new_tokens=args.max_new_tokens)
+    chat(args.model, image=args.image, max_new_tokens=args.max_new_tokens, device=args.device)
     return 0
 
 
@@ -315,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--images-root", help="folder image paths are relative to (default: the data file's folder)")
         p.add_argument("--batch-size", type=int, default=8, help="samples generated together")
         p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
         p.set_defaults(func=func)
 
     p = sub.add_parser("chat", help="chat interactively (streams tokens)", formatter_class=HelpFormatter,
@@ -322,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder (full model, LoRA adapter or delta)")
     p.add_argument("--image", help="image for the first message (checked before the model loads)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="say what a model folder, checkpoint, adapter or weight file is",

@@ -13,6 +13,7 @@ from vlmtune.checkpoints.load import load_model
 from vlmtune.checkpoints.manifest import MANIFEST, hash_problems, read_manifest
 from vlmtune.data.encode import SampleEncoder
 from vlmtune.models import images as mm
+from vlmtune.models.device import model_device, place
 from vlmtune.models.family import LoadOptions
 
 
@@ -54,8 +55,8 @@ def forward_check(loaded) -> tuple[bool, str]:
     inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
               **{k: torch.tensor([v]) for k, v in encoder.extra_inputs(ids).items()},
               **mm.image_inputs(processor, [image], blocks, "verify")}
-    model = loaded.model.eval()
-    device = next(model.parameters()).device
+    model = place(loaded.model)
+    device = model_device(model)
     with torch.inference_mode():
         logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
     finite = bool(torch.isfinite(logits).all())

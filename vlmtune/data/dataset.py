@@ -66,6 +66,12 @@ class Collator:
         for key in self.token_keys:
             if key in items[0]:
                 batch[key] = self._pad([i[key] for i in items], longest, 0)
+        batch.update(self.image_inputs(items))
+        return batch
+
+    def image_inputs(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The items' image inputs joined in item order."""
+        batch = {}
         image_keys = sorted({k for item in items for k in item if k not in TEXT_KEYS and k not in self.token_keys})
         for key in image_keys:
             tensors = [item[key] for item in items if key in item]

@@ -16,20 +16,22 @@ from vlmtune.config import ConfigError
 from vlmtune.data.images import image_problem, load_image
 from vlmtune.data.encode import SampleEncoder
 from vlmtune.models import images as mm
+from vlmtune.models.device import inference_device, model_device, place
 
 HELP = "commands: /image PATH (attach an image to your next message), /reset (start over), /help, /quit"
 
 
 def chat(model: str | Path | LoadedModel, image: str | None = None, max_new_tokens: int = 256,
-         stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> list[dict]:
+         stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, device: str = "auto") -> list[dict]:
     """Read user lines from `stdin`, stream answers to `stdout`; returns the conversation.
 
     A bad `--image` is refused before the model loads; a bad `/image` is refused when given, and the
     conversation goes on."""
     if image and (problem := image_problem(Path(image))):
         raise ConfigError(f"--image: {problem}")
+    inference_device(device)  # a bad --device is refused before the model loads
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    processor, family, net = loaded.processor, loaded.family, loaded.model.eval()
+    processor, family, net = loaded.processor, loaded.family, place(loaded.model, device)
     messages: list[dict] = []
     images: list = []
     pending = image
@@ -80,7 +82,7 @@ def _reply(net, processor, family, messages, images, max_new_tokens, stdout) -> 
     inputs.update({key: torch.tensor([values]) for key, values in encoder.extra_inputs(ids).items()})
     if images:
         inputs.update(mm.image_inputs(processor, images, blocks, "chat"))
-    device = next(net.parameters()).device
+    device = model_device(net)
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = {k: v.to(device) for k, v in inputs.items()} | {
         "max_new_tokens": max_new_tokens, "do_sample": False, "streamer": streamer,

@@ -17,6 +17,7 @@ from vlmtune.console import console
 from vlmtune.data.check import check_data
 from vlmtune.data.dataset import ConversationDataset, collator_for
 from vlmtune.models import images as mm
+from vlmtune.models.device import inference_device, model_device, place
 from vlmtune.models.family import LoadOptions
 from vlmtune.data.encode import SampleDropped, SampleEncoder
 from vlmtune.data.records import DataError, Problem
@@ -48,8 +49,11 @@ def generate_predictions(
     max_length: int = 4096,
     options: LoadOptions | None = None,
     show_progress: bool = True,
+    device: str = "auto",
 ) -> tuple[list[Prediction], list[Problem]]:
-    """Greedy answers for every sample of `data` (prompt = everything before the last assistant turn)."""
+    """Greedy answers for every sample of `data` (prompt = everything before the last assistant turn),
+    batched with the KV cache, on the GPU when there is one (`device`)."""
+    inference_device(device)  # a bad --device is refused before the model loads
     loaded = model if isinstance(model, LoadedModel) else load_model(model, options=options)
     report = check_data([str(data)], images_root)
     encoder = SampleEncoder(loaded.processor, loaded.family, max_length)
@@ -63,8 +67,8 @@ def generate_predictions(
         raise DataError(problems, f"{data}: no sample can be used for generation")
 
     tokenizer = loaded.processor.tokenizer
-    net = loaded.model.eval()
-    device = next(net.parameters()).device
+    net = place(loaded.model, device)
+    device = model_device(net)
     loader = DataLoader(
         ConversationDataset(prompts, loaded.processor, loaded.family),
         batch_size=batch_size,

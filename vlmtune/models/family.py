@@ -99,6 +99,8 @@ class Family:
     token_type_keys: tuple[str, ...] = ()  # per-token model inputs the encoder must produce
     # image inputs a batch joins along another dim than 0 (MiniCPM-V 4.6 lays all patches along the width)
     concat_dims: tuple[tuple[str, int], ...] = ()
+    # `data.packing`: tested to give the loss of unpacked samples (tests/families/test_packing.py)
+    packing: bool = False
     # (component, leader): a component split out of another (MiniCPM-V's embeddings out of the LLM) that,
     # unless `tune` names it, is trained in full when its leader is and frozen otherwise (as before the split)
     follows: tuple[tuple[str, str], ...] = ()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging as hf_logging
 
@@ -36,9 +36,10 @@ from vlmtune.console import console, plan_table
 from vlmtune.data.check import SKIPPED_FILE, DataReport, check_data, encode_checked, write_problems
 from vlmtune.data.dataset import ConversationDataset, collator_for
 from vlmtune.data.encode import SampleEncoder
+from vlmtune.data.packing import PackedDataset, PackedRows, pack_groups
 from vlmtune.data.records import DataError, Problem
 from vlmtune.models.family import LoadOptions
-from vlmtune.models.registry import builder
+from vlmtune.models.registry import builder, families
 from vlmtune.training.checkpointing import (
     LOCK,
     CompleteCheckpoints,
@@ -51,6 +52,7 @@ from vlmtune.training.checkpointing import (
     run_differences,
 )
 from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, StepLines, plot_loss, read_log, truncate_log
+from vlmtune.training.trainer import VlmTrainer
 from vlmtune.tuning.plan import TuningPlan
 
 BASE_DIR = "base"  # where a LoRA or delta run keeps a base model that exists nowhere else on disk
@@ -256,6 +258,7 @@ def training_arguments(cfg: RunConfig, staging: Path, precision: str, has_eval: 
         eval_steps=eval_steps,
         report_to=["tensorboard"] if t.tensorboard else "none",
         remove_unused_columns=False,
+        prediction_loss_only=True,  # evaluation reports the loss; no logits are kept
         dataloader_num_workers=cfg.data.num_workers,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
@@ -322,6 +325,10 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     loaded = load_or_build(cfg)
     for line in loaded.report():
         console.print(line)
+    if cfg.data.packing and not loaded.family.packing:
+        able = ", ".join(f.name for f in families() if f.packing)
+        raise ConfigError(f"`data.packing`: packed rows are not supported for the {loaded.family.name} family yet (they "
+                          f"are for {able}); set data.packing=false")
     max_pixels = cfg.data.max_image_pixels if cfg.data.downscale_large_images else None
     encoder = SampleEncoder(loaded.processor, loaded.family, cfg.data.max_length, cfg.data.loss_on, cfg.data.chat_template,
                             max_pixels)
@@ -339,7 +346,9 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
                               "config that wrote it, or pass --force-resume to continue from it anyway")
         if differences:
             console.print(f"[yellow]--force-resume: continuing from {checkpoint} although {'; '.join(differences)}[/]")
-        refuse_finished_run(checkpoint, out, planned_steps(cfg, len(train_data.encoded)))
+        refuse_finished_run(checkpoint, out, planned_steps(cfg, len(pack_groups(
+            [len(item.input_ids) for item in train_data.encoded], cfg.data.max_length)) if cfg.data.packing
+            else len(train_data.encoded)))
 
     out.mkdir(parents=True, exist_ok=True)
     clear_earlier_run(out, earlier)
@@ -380,15 +389,24 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     optimizer = torch.optim.AdamW(plan.param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     dataset = ConversationDataset(train_data.encoded, loaded.processor, loaded.family, max_pixels)
     eval_dataset = ConversationDataset(eval_data.encoded, loaded.processor, loaded.family, max_pixels) if eval_data else None
-    trainer = Trainer(
+    collator = collator_for(loaded.family, loaded.processor.tokenizer.pad_token_id)
+    if cfg.data.packing:
+        dataset, collator = PackedDataset(dataset, cfg.data.max_length), PackedRows(collator)
+        console.print(f"data.packing: {len(train_data.encoded)} samples in {len(dataset)} row(s) of up to "
+                      f"{cfg.data.max_length} tokens ({sum(dataset.row_lengths()) / len(dataset):.0f} on average)")
+    lengths = (dataset.row_lengths() if cfg.data.packing else [len(item.input_ids) for item in dataset.items]
+               ) if cfg.data.group_by_length else None
+    trainer = VlmTrainer(
         model=model,
         args=training_arguments(cfg, out / STAGING, precision, eval_dataset is not None),
-        data_collator=collator_for(loaded.family, loaded.processor.tokenizer.pad_token_id),
+        data_collator=collator,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=loaded.processor,
         callbacks=[JsonlLogger(out / LOG_FILE), CompleteCheckpoints(out, checkpoint_record, cfg.train.save_total_limit)],
         optimizers=(optimizer, None),
+        family=loaded.family,
+        lengths=lengths,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(StepLines)

@@ -19,12 +19,14 @@ COMPONENTS = {
 
 IDEFICS3 = register(Family(
     name="idefics3",
+    packing=True,
     components=COMPONENTS,
     matches=model_type_is("idefics3"),
     model_class=Idefics3ForConditionalGeneration,
 ))
 SMOLVLM = register(Family(
     name="smolvlm",
+    packing=True,
     components=COMPONENTS,
     matches=model_type_is("smolvlm"),
     model_class=SmolVLMForConditionalGeneration,

@@ -15,6 +15,7 @@ from vlmtune.models.registry import register
 LLAVA = register(
     Family(
         name="llava",
+        packing=True,
         components={
             "vision": ("model.vision_tower",),
             "projector": ("model.multi_modal_projector",),

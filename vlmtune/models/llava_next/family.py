@@ -11,6 +11,7 @@ from vlmtune.models.registry import register
 LLAVA_NEXT = register(
     Family(
         name="llava_next",
+        packing=True,
         components={
             "vision": ("model.vision_tower",),
             "projector": ("model.multi_modal_projector", "model.image_newline"),

@@ -35,6 +35,7 @@ def is_vlmtune_mgm(config) -> bool:
 
 MGM = register(Family(
     name="mgm",
+    packing=True,
     components={
         "vision": ("model.vision_tower",),
         "vision_aux": ("model.vision_tower_aux",),

@@ -179,7 +179,9 @@ class MGMForConditionalGeneration(MGMPreTrainedModel, GenerationMixin):
                          attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # positions, or a [batch, seq] mask (-> [kept, hidden])
+            hidden = hidden[logits_to_keep] if logits_to_keep.dtype == torch.bool else hidden[:, logits_to_keep]
+        elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None

@@ -12,6 +12,7 @@ from vlmtune.models.registry import register
 
 MINICPMV4_6 = register(Family(
     name="minicpmv4_6",
+    packing=True,
     components={
         "vision": ("model.vision_tower",),
         "projector": ("model.merger",),

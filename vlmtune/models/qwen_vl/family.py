@@ -41,6 +41,7 @@ def rope_positions(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 def _family(name: str, model_class: type, projector: tuple[str, ...]) -> Family:
     return register(Family(
         name=name,
+        packing=True,
         components={"vision": ("model.visual",), "projector": projector, "llm": LLM},
         matches=model_type_is(name),
         model_class=model_class,

@@ -1,0 +1,162 @@
+"""Packed rows give the loss and gradients of the same samples run one by one; logits only at
+labelled positions give the loss of full logits; length grouping batches similar lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_image, write_jsonl
+
+from vlmtune.checkpoints.load import load_model
+from vlmtune.config import ConfigError, load_config
+from vlmtune.data.check import check_data, encode_checked
+from vlmtune.data.dataset import ConversationDataset, collator_for
+from vlmtune.data.encode import SampleEncoder
+from vlmtune.data.packing import PackedDataset, PackedRows, pack_groups
+from vlmtune.models.positions import packed_position_ids
+from vlmtune.training.run import train
+from vlmtune.training.trainer import label_positions, supervised_loss
+
+
+def mixed_data(folder, count=6):
+    """Samples of different lengths: one or two images of different sizes, multi-turn, text only."""
+    records = []
+    for i in range(count):
+        make_image(folder / f"{i}.png", ("red", "green", "blue")[i % 3], size=(16, 40, 24)[i % 3])
+        turns = [{"role": "user", "content": "<image>What color?"}, {"role": "assistant", "content": "red " * (1 + i)}]
+        if i % 2:
+            turns += [{"role": "user", "content": "And again?"}, {"role": "assistant", "content": "It is blue."}]
+        images = [f"{i}.png"]
+        if i == 4:
+            turns[0]["content"] = "<image><image>Both colors?"
+            images.append("0.png")
+        records.append({"id": f"s{i}", "messages": turns, "images": images})
+    records.append({"id": "text", "messages": [{"role": "user", "content": "Hello there"},
+                                               {"role": "assistant", "content": "yes, hello"}]})
+    return write_jsonl(folder / "train.jsonl", records)
+
+
+def encoded(loaded, data):
+    report = encode_checked(check_data([str(data)], None), SampleEncoder(loaded.processor, loaded.family, 4096))
+    assert not report.problems
+    return ConversationDataset(report.encoded, loaded.processor, loaded.family)
+
+
+def summed_loss_one_by_one(model, dataset, collator):
+    """The model's own loss (its mean times its labelled count) per sample, added up."""
+    total = 0
+    for i in range(len(dataset)):
+        batch = collator([dataset[i]])
+        count = (batch["labels"][:, 1:] != -100).sum()
+        total = total + model(**batch).loss * count
+    return total
+
+
+def packed_loss(model, family, batch):
+    batch = dict(batch)
+    batch["position_ids"] = packed_position_ids(model, family, batch)
+    batch.pop("pack_lengths"), batch.pop("pack_images")
+    labels = batch.pop("labels")
+    outputs = model(**batch, logits_to_keep=label_positions(labels), use_cache=False)
+    return supervised_loss(outputs, labels, num_items_in_batch=1)  # a sum
+
+
+@pytest.mark.parametrize("family_name,kind", [
+    ("llava", "sentencepiece"), ("llava", "bytelevel"), ("qwen2_vl", "sentencepiece"), ("qwen2_vl", "bytelevel"),
+    ("llava_next", "bytelevel_bos"), ("qwen2_5_vl", "bytelevel"), ("qwen3_vl", "bytelevel"), ("idefics3", "bytelevel_bos"),
+    ("smolvlm", "bytelevel"), ("minicpmv4_6", "bytelevel"), ("mgm", "bytelevel")])
+def test_packed_rows_give_the_loss_and_gradients_of_single_samples(family_model, family_name, kind, tmp_path):
+    loaded = load_model(family_model(family_name, kind))
+    model = loaded.model.eval()  # no dropout: the two computations must see the same function
+    dataset = encoded(loaded, mixed_data(tmp_path))
+    collator = collator_for(loaded.family, loaded.processor.tokenizer.pad_token_id)
+    packed = PackedDataset(dataset, max_length=max(len(item.input_ids) for item in dataset.items) * 3)
+    assert len(packed) < len(dataset)  # several samples share rows
+    batch = PackedRows(collator)([packed[i] for i in range(len(packed))])
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == len(packed)
+
+    reference = summed_loss_one_by_one(model, dataset, collator)
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    loss = packed_loss(model, loaded.family, batch)
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert expected
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_logits_only_at_labels_give_the_full_logits_loss(family_model, tmp_path):
+    loaded = load_model(family_model("llava", "sentencepiece"))
+    dataset = encoded(loaded, mixed_data(tmp_path))
+    batch = collator_for(loaded.family, loaded.processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        full = loaded.model(**batch, labels=labels)
+        sliced = loaded.model(**batch, logits_to_keep=label_positions(labels))
+    assert sliced.logits.shape == (int((labels[:, 1:] != -100).sum()), full.logits.shape[-1])
+    assert supervised_loss(sliced, labels).item() == pytest.approx(full.loss.item(), rel=1e-6)
+    assert supervised_loss(full, labels).item() == pytest.approx(full.loss.item(), rel=1e-6)
+
+
+def test_pack_groups_places_every_sample_once_within_the_limit():
+    lengths = [5, 9, 3, 7, 2, 10, 1]
+    groups = pack_groups(lengths, 10)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in g) <= 10 for g in groups)
+    assert sorted(map(sorted, groups)) == [[0, 4], [1, 6], [2, 3], [5]]  # first fit, longest first
+    with pytest.raises(ValueError, match="sample 1 has 9 tokens, more than data.max_length=8"):
+        pack_groups([3, 9], 8)
+
+
+@pytest.mark.parametrize("family_name", ["llava", "qwen2_vl"])
+def test_training_with_packing_and_length_groups_lowers_the_loss_and_reloads(family_model, family_name, tmp_path):
+    model_dir = family_model(family_name, "bytelevel")
+    out = tmp_path / "out"
+    cfg = load_config(tree={"model": {"path": str(model_dir)},
+                            "data": {"train": str(mixed_data(tmp_path / "data", count=9)), "max_length": 160,
+                                     "packing": True, "group_by_length": True},
+                            "tune": {"vision": "frozen", "projector": "full", "llm": "full"},
+                            "train": {"max_steps": 8, "batch_size": 2, "lr": 1e-2, "logging_steps": 1, "save_steps": 0,
+                                      "warmup_ratio": 0.0},
+                            "output": {"dir": str(out)}})
+    result = train(cfg)  # ends with `verify` on the saved folder
+    assert result.final_loss < result.first_loss
+    assert load_model(out).family.name == family_name
+
+
+def test_packing_is_refused_for_a_family_it_is_not_tested_for(family_model, tmp_path):
+    cfg = load_config(tree={"model": {"path": str(family_model("gemma3", "bytelevel"))},
+                            "data": {"train": str(mixed_data(tmp_path / "data")), "packing": True},
+                            "train": {"max_steps": 1}, "output": {"dir": str(tmp_path / "out")}})
+    with pytest.raises(ConfigError, match="packed rows are not supported for the gemma3 family yet .*llava.*; set "
+                                          "data.packing=false"):
+        train(cfg)
+
+
+def test_length_groups_come_from_encoded_lengths_without_loading_a_sample(family_model, tmp_path):
+    from transformers import TrainingArguments
+
+    from vlmtune.training.trainer import VlmTrainer
+
+    loaded = load_model(family_model("llava", "bytelevel"))
+    dataset = encoded(loaded, mixed_data(tmp_path / "data", count=9))
+    loads = []
+
+    class Counted(type(dataset)):
+        def __getitem__(self, index):
+            loads.append(index)
+            return super().__getitem__(index)
+
+    dataset.__class__ = Counted
+    lengths = [len(item.input_ids) for item in dataset.items]
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=2, use_cpu=True,
+                             report_to="none")
+    trainer = VlmTrainer(model=loaded.model, args=args, train_dataset=dataset, family=loaded.family, lengths=lengths)
+    order = list(trainer._get_train_sampler())
+    assert sorted(order) == list(range(len(dataset))) and not loads
+    assert lengths[order[0]] == max(lengths)  # the longest batch goes first (an early out-of-memory, not a late one)
+    by_batch = [sorted(lengths[i] for i in order[k:k + 2]) for k in range(0, len(order), 2)]
+    spread = sum(b[-1] - b[0] for b in by_batch)
+    assert spread < sum(b[-1] - b[0] for b in (sorted(lengths[k:k + 2]) for k in range(0, len(lengths), 2)))

@@ -1,0 +1,73 @@
+"""The transformers Trainer with what multimodal fine-tuning needs on top, in one named place:
+
+- logits only where a label is (a boolean `logits_to_keep`, which transformers' models slice before
+  the LM head): the [batch, seq, vocab] logits of unlabelled prompt and image tokens are never made;
+- packed rows (`data.packing`): per-sample positions from `pack_lengths` (and the family's own
+  multi-row positions), no attention mask, so attention stays inside each sample;
+- length-grouped batches from lengths known after encoding (the stock sampler would load every
+  sample, images included, to measure it).
+Loss scaling across accumulation steps and processes stays the Trainer's (`compute_loss_func`)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch.nn import functional as F
+from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from vlmtune.data.encode import IGNORE
+from vlmtune.data.packing import PACK_KEYS
+from vlmtune.models.family import Family
+from vlmtune.models.positions import packed_position_ids
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] bool: the positions whose next token is labelled (the only logits a loss uses)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def supervised_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy over labelled positions, from full logits or from only the kept ones."""
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    if logits.ndim == 3 and logits.shape[:2] == labels.shape:  # every position (no `logits_to_keep` taken)
+        logits, targets = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+    else:  # [kept, vocab], in the row-major order of `label_positions`
+        logits, targets = logits.reshape(-1, logits.shape[-1]), labels[:, 1:][label_positions(labels)[:, :-1]]
+    loss = F.cross_entropy(logits.float(), targets.to(logits.device), ignore_index=IGNORE, reduction="sum")
+    if num_items_in_batch is None:
+        return loss / (targets != IGNORE).sum().clamp(min=1)
+    return loss / num_items_in_batch
+
+
+def takes_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+class VlmTrainer(Trainer):
+    def __init__(self, *args, family: Family, lengths: list[int] | None = None, **kwargs):
+        super().__init__(*args, compute_loss_func=supervised_loss, **kwargs)
+        self.family = family
+        self.lengths = lengths  # per training item (sample or packed row), for `data.group_by_length`
+        self.slice_logits = takes_logits_to_keep(self.model)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=self.lengths)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        if "pack_lengths" in inputs:
+            inputs["position_ids"] = packed_position_ids(self.accelerator.unwrap_model(model), self.family, inputs)
+            for key in PACK_KEYS:
+                inputs.pop(key)
+            inputs["use_cache"] = False  # transformers reads packed positions only when there is no cache
+        if self.slice_logits and "labels" in inputs:
+            inputs["logits_to_keep"] = label_positions(inputs["labels"])
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
