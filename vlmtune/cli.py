@@ -43,7 +43,13 @@ def cmd_train(args) -> int:
     from vlmtune.console import console
     from vlmtune.training.run import TrainingInterrupted, train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any process starts
+    if args.nproc > 1:
+        from vlmtune.training.distributed import launch
+
+        extra = (["--resume"] * args.resume + ["--force-resume"] * args.force_resume
+                 + (["--resume-from", args.resume_from] if args.resume_from else []))
+        return launch(args.config, args.overrides, args.nproc, extra)
     try:
         train(cfg, resume=args.resume_from or (True if args.resume else None), force_resume=args.force_resume)
     except TrainingInterrupted as stop:
@@ -275,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-from", metavar="CHECKPOINT", help="continue the run from this checkpoint folder")
     p.add_argument("--force-resume", action="store_true",
                    help="resume even if the checkpoint's config, data or base model differ from this run's")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine (torchrun; one per GPU, or gloo on the CPU)")
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)

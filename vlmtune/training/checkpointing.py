@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 from vlmtune.checkpoints.manifest import MANIFEST, ManifestError, hash_problems, read_manifest, write_manifest
 from vlmtune.checkpoints.save import STAGING, clean_stale_staging, is_adapter, remove_tree
 from vlmtune.config import ConfigError
+from vlmtune.training.distributed import barrier
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 LOCK = ".vlmtune.lock"
@@ -116,6 +117,7 @@ class CompleteCheckpoints(TrainerCallback):
         self.keep = keep
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        barrier()  # every process has written its part (its RNG state) before the folder is declared complete
         if not state.is_world_process_zero:
             return
         name = f"checkpoint-{state.global_step}"

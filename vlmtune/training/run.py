@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import math
@@ -51,6 +52,7 @@ from vlmtune.training.checkpointing import (
     resume_point,
     run_differences,
 )
+from vlmtune.training.distributed import Processes, backend, barrier, check_strategy, deepspeed_config
 from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, StepLines, plot_loss, read_log, truncate_log
 from vlmtune.training.trainer import VlmTrainer
 from vlmtune.tuning.plan import TuningPlan
@@ -217,15 +219,16 @@ def load_options(cfg: RunConfig) -> LoadOptions:
                        quantize=quantize)
 
 
-def ensure_base_on_disk(loaded: LoadedModel, out: Path) -> Path:
-    """An adapter needs a base folder: a plain full model is its own; anything else is saved once.
-    The absolute path is what the adapter records, so it loads from any working directory."""
+def ensure_base_on_disk(loaded: LoadedModel, out: Path, write: bool = True) -> Path:
+    """An adapter needs a base folder: a plain full model is its own; anything else is saved once (by
+    the main process). The absolute path is what the adapter records, so it loads from anywhere."""
     if loaded.kind == "full":
         base = loaded.path.resolve()
     else:
         base = (out / BASE_DIR).resolve()
-        save_model_folder(loaded.model, loaded.processor, base, {"role": "base model of the adapter in ..",
-                                                                 "sources": loaded.sources})
+        if write:
+            save_model_folder(loaded.model, loaded.processor, base, {"role": "base model of the adapter in ..",
+                                                                     "sources": loaded.sources})
     loaded.model.name_or_path = loaded.model.config._name_or_path = str(base)
     return base
 
@@ -233,7 +236,10 @@ def ensure_base_on_disk(loaded: LoadedModel, out: Path) -> Path:
 def training_arguments(cfg: RunConfig, staging: Path, precision: str, has_eval: bool) -> TrainingArguments:
     t = cfg.train
     eval_steps = t.eval_steps or (t.save_steps or None)
+    several = Processes.from_env().several
     return TrainingArguments(
+        ddp_backend=backend(cfg) if several else None,
+        deepspeed=deepspeed_config(cfg) if several and t.distributed.strategy == "deepspeed" else None,
         output_dir=str(staging),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
@@ -288,9 +294,12 @@ def train(cfg: RunConfig, resume: str | bool | None = None, force_resume: bool =
     The run holds `output.dir` from start to end: a second run on the same folder is refused."""
     out = Path(cfg.output.dir)
     precision = check_environment(cfg, out)  # what needs no file comes first
+    processes = Processes.from_env()
+    check_strategy(cfg, processes)
     check_paths(cfg)  # before the lock: `output.dir` may be a file
-    with hold_output_dir(out):
-        return _train_holding_output_dir(cfg, out, resume, force_resume, precision)
+    console.quiet = not processes.main  # the plan, the load report and the data summary print once
+    with hold_output_dir(out) if processes.main else contextlib.nullcontext():
+        return _train_holding_output_dir(cfg, out, resume, force_resume, precision, processes)
 
 
 def check_environment(cfg: RunConfig, out: Path) -> str:
@@ -304,7 +313,7 @@ def check_environment(cfg: RunConfig, out: Path) -> str:
 
 
 def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | None, force_resume: bool,
-                              precision: str) -> TrainResult:
+                              precision: str, processes: Processes) -> TrainResult:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     resume = resume if resume is not None else cfg.train.resume
@@ -321,6 +330,9 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
             confine_images(report, [cfg.data.images_root] if cfg.data.images_root else [str(Path(f).parent) for f in report.files])
         refuse_bad_data(report, cfg, role)
 
+    # before the model loads (DeepSpeed ZeRO-3 partitions it as it is built); with several processes this
+    # also joins the process group
+    args = training_arguments(cfg, out / STAGING, precision, bool(cfg.data.eval))
     set_seed(cfg.train.seed)
     loaded = load_or_build(cfg)
     for line in loaded.report():
@@ -351,14 +363,17 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
             else len(train_data.encoded)))
 
     out.mkdir(parents=True, exist_ok=True)
-    clear_earlier_run(out, earlier)
-    for line in clean_staging(out):
-        console.print(line)
-    if any(report.problems for report in reports.values()):
-        write_problems(out / SKIPPED_FILE, {role: report.problems for role, report in reports.items()})
+    barrier()  # every process has read what the earlier run left before the main one removes it
+    if processes.main:
+        clear_earlier_run(out, earlier)
+        for line in clean_staging(out):
+            console.print(line)
+        if any(report.problems for report in reports.values()):
+            write_problems(out / SKIPPED_FILE, {role: report.problems for role, report in reports.items()})
     plan = TuningPlan(cfg.tune, loaded.family, cfg.train.lr)
     delta = cfg.output.save == "delta" and not plan.uses_lora
-    base_path = ensure_base_on_disk(loaded, out) if plan.uses_lora or delta else None
+    base_path = ensure_base_on_disk(loaded, out, processes.main) if plan.uses_lora or delta else None
+    barrier()
     model = plan.apply(loaded.model)
     console.print(plan_table(plan.rows(model)))
     if plan.kept_frozen:
@@ -382,7 +397,8 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
                 "state": {"step": state.global_step, "epoch": state.epoch, "last_loss": losses[-1] if losses else None}}
 
     if checkpoint is not None:
-        truncate_log(out / LOG_FILE, after_step=read_manifest(checkpoint)["state"]["step"])
+        if processes.main:
+            truncate_log(out / LOG_FILE, after_step=read_manifest(checkpoint)["state"]["step"])
         if not plan.uses_lora:  # adapters resume correctly through the Trainer; full weights need this
             restore_full_weights(model, checkpoint, loaded.family)
         console.print(f"resuming from {checkpoint}")
@@ -398,7 +414,7 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
                ) if cfg.data.group_by_length else None
     trainer = VlmTrainer(
         model=model,
-        args=training_arguments(cfg, out / STAGING, precision, eval_dataset is not None),
+        args=args,
         data_collator=collator,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
@@ -422,13 +438,15 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, StepLines):
                 callback.close()
-        clean_staging(out)
-        plot_loss(out / LOG_FILE, out / PLOT_FILE)
+        if processes.main:
+            clean_staging(out)
+            plot_loss(out / LOG_FILE, out / PLOT_FILE)
         raise TrainingInterrupted(trainer.state.global_step, trainer.state.max_steps, latest_checkpoint(out)) from None
     except Exception as err:  # torch, safetensors and the OS each report a full disk their own way
         if not is_disk_full(err):
             raise
-        clean_staging(out)  # the half-written checkpoint
+        if processes.main:
+            clean_staging(out)  # the half-written checkpoint
         trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
         raise disk_full_error(out, model_bytes(model) + 2 * trainable, err) from None
 
@@ -438,15 +456,17 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
         tuned = {c for c in plan.components if plan.mode(c) != "frozen"}
         delta_keys = {k for k in model.state_dict() if plan.component_of(k) in tuned}
         final["components"] = components_record(plan, model, {"*": [DELTA_WEIGHTS], "frozen": [f"base: {base_path}"]})
-    save_model_folder(model, loaded.processor, out, final, delta_keys=delta_keys, run_folder=True)
-    if plan.uses_lora and cfg.output.merge:
-        save_model_folder(model.merge_and_unload(), loaded.processor, out / MERGED_DIR,
-                          {**final, "components": components_record(plan, model, {"*": ["model.safetensors"]}),
-                           "merged_from": str(out)})
-    clean_staging(out)
-    plot_loss(out / LOG_FILE, out / PLOT_FILE)
-    # a QLoRA adapter is checked on the unquantized base it records, as users load it
-    check_run_outputs(out, cfg.output.merge and plan.uses_lora, replace(load_options(cfg), quantize=None))
+    if processes.main:
+        save_model_folder(model, loaded.processor, out, final, delta_keys=delta_keys, run_folder=True)
+        if plan.uses_lora and cfg.output.merge:
+            save_model_folder(model.merge_and_unload(), loaded.processor, out / MERGED_DIR,
+                              {**final, "components": components_record(plan, model, {"*": ["model.safetensors"]}),
+                               "merged_from": str(out)})
+        clean_staging(out)
+        plot_loss(out / LOG_FILE, out / PLOT_FILE)
+        # a QLoRA adapter is checked on the unquantized base it records, as users load it
+        check_run_outputs(out, cfg.output.merge and plan.uses_lora, replace(load_options(cfg), quantize=None))
+    barrier()  # the others end once the folder is complete and verified
     losses = [r["loss"] for r in read_log(out / LOG_FILE) if "loss" in r]
     kind = f"LoRA adapter on {base_path}" if plan.uses_lora else (f"delta on {base_path}" if delta else "full model")
     if losses:

@@ -1,0 +1,149 @@
+"""Two processes (torchrun, DDP over gloo on the CPU) train like one with the same global batch, write one
+complete verified folder, mix text-only and image batches with a trainable vision tower, and resume
+across process counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import make_image, write_jsonl
+from safetensors.torch import load_file
+
+from vlmtune.checkpoints.verify import verify
+from vlmtune.config import ConfigError, load_config
+from vlmtune.training.distributed import Processes, check_strategy, deepspeed_config
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def mixed_color_data(folder):
+    """Half the samples have no image: many micro-batches of 2 hold none, so the tower gets no gradient there."""
+    records = []
+    for i, color in enumerate(["red", "blue", "green", "red", "blue", "green", "red", "blue"]):
+        make_image(folder / f"{i}.png", color)
+        records.append({"id": f"img{i}", "images": [f"{i}.png"], "messages": [
+            {"role": "user", "content": "<image>What color?"}, {"role": "assistant", "content": color}]})
+        records.append({"id": f"text{i}", "messages": [{"role": "user", "content": "Hello there"},
+                                                       {"role": "assistant", "content": "yes no maybe"}]})
+    return write_jsonl(folder / "train.jsonl", records)
+
+
+def write_config(tmp_path, model, data, out, batch_size, tune, **train):
+    cfg = {"model": {"path": str(model)}, "data": {"train": str(data), "max_length": 256},
+           "tune": tune,
+           "train": {"max_steps": 6, "batch_size": batch_size, "lr": 1e-2, "logging_steps": 1, "save_steps": 2,
+                     "warmup_ratio": 0.0, "seed": 3, **train},
+           "output": {"dir": str(out)}}
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(config, nproc, *extra):
+    command = [sys.executable, "-m", "vlmtune.cli", "train", str(config), *extra]
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "vlmtune.cli", "train", str(config), *extra]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+TUNES = {"full": {"vision": "full", "projector": "full", "llm": "full"},
+         # no LoRA dropout: its random masks depend on how samples are spread over processes
+         "lora": {"vision": "full", "projector": "full", "llm": "lora", "lora": {"dropout": 0.0}}}
+
+
+@pytest.mark.parametrize("mode", TUNES)
+def test_two_processes_train_like_one_and_resume_across_process_counts(tiny_vlm, tmp_path, mode):
+    data = mixed_color_data(tmp_path / "data")
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    run(write_config(tmp_path, tiny_vlm, data, one, 4, TUNES[mode]), 1)
+    printed = run(write_config(tmp_path, tiny_vlm, data, two, 2, TUNES[mode]), 2)
+
+    assert printed.count("saved and verified") == 1  # one process reports, and one writes
+    assert len(losses(two)) == 6
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    assert verify(two).ok
+    checkpoint = two / "checkpoint-4"
+    assert {f"rng_state_{rank}.pth" for rank in (0, 1)} <= {p.name for p in checkpoint.iterdir()}
+    weights = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
+    expected = load_file(two / weights)
+
+    # a kill after checkpoint-4 of the two-process run, resumed on one process: the same final weights
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed, ignore=shutil.ignore_patterns("checkpoint-6"))
+    for name in ("vlmtune.json", weights):
+        (resumed / name).unlink()
+    config = write_config(tmp_path, tiny_vlm, data, resumed, 4, TUNES[mode])
+    run(config, 1, "--resume", "--force-resume")  # --force-resume: batch_size 2 -> 4 keeps the global batch
+    got = load_file(resumed / weights)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_one_process_checkpoint_resumes_on_two(tiny_vlm, tmp_path):
+    data = mixed_color_data(tmp_path / "data")
+    one = tmp_path / "one"
+    run(write_config(tmp_path, tiny_vlm, data, one, 4, TUNES["full"]), 1)
+    expected = load_file(one / "model.safetensors")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(one, resumed, ignore=shutil.ignore_patterns("checkpoint-6"))
+    for name in ("vlmtune.json", "model.safetensors"):
+        (resumed / name).unlink()
+    run(write_config(tmp_path, tiny_vlm, data, resumed, 2, TUNES["full"]), 2, "--resume", "--force-resume")
+    got = load_file(resumed / "model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_nproc_runs_the_same_command_under_torchrun(tiny_vlm, tmp_path):
+    data = mixed_color_data(tmp_path / "data")
+    out = tmp_path / "out"
+    config = write_config(tmp_path, tiny_vlm, data, out, 2, TUNES["lora"], max_steps=2, save_steps=0)
+    printed = run(config, 1, "--nproc", "2")
+    assert "saved and verified" in printed and verify(out).ok
+
+
+def cfg_with(**distributed):
+    return load_config(tree={"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output": {"dir": "o"},
+                             "train": {"distributed": distributed}})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_deepspeed_is_refused_without_a_gpu_and_fsdp_is_refused_for_now():
+    two = Processes(rank=0, local_rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="strategy=deepspeed` needs CUDA GPUs and none was found"):
+        check_strategy(cfg_with(strategy="deepspeed"), two)
+    with pytest.raises(ConfigError, match="strategy=fsdp` is not supported yet"):
+        check_strategy(cfg_with(strategy="fsdp"), two)
+    check_strategy(cfg_with(strategy="deepspeed"), Processes())  # one process ignores the section
+
+
+def test_deepspeed_config_follows_the_section_and_leaves_sizes_to_the_trainer(tmp_path):
+    zero3 = deepspeed_config(cfg_with(strategy="deepspeed", zero_stage=3, offload_optimizer=True, offload_params=True))
+    assert zero3["zero_optimization"]["stage"] == 3
+    assert zero3["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert zero3["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True  # full weights on save
+    assert {zero3[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")} == {"auto"}
+    zero2 = deepspeed_config(cfg_with(strategy="deepspeed"))
+    assert zero2["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in zero2["zero_optimization"]
+    with pytest.raises(ConfigError, match="offload_params` needs zero_stage 3"):
+        deepspeed_config(cfg_with(strategy="deepspeed", offload_params=True))
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    assert deepspeed_config(cfg_with(strategy="deepspeed", deepspeed_config=str(own))) == {"zero_optimization": {"stage": 1}}
