@@ -16,6 +16,7 @@ from vlmtune.data.images import DEFAULT_MAX_PIXELS
 
 EXIT_BAD_DATA = 1
 EXIT_USAGE = 2
+EXIT_DOES_NOT_FIT = 3  # `vlmtune plan --gpu-mem`: the run would not fit
 EXIT_INTERRUPTED = 130
 
 
@@ -63,6 +64,28 @@ def cmd_train(args) -> int:
             console.print(f"newest complete checkpoint: {stop.checkpoint}\nresume with: {command}")
         return EXIT_INTERRUPTED
     return 0
+
+
+def cmd_plan(args) -> int:
+    from vlmtune.config import load_config
+    from vlmtune.console import console, gib, memory_table
+    from vlmtune.tuning.memory import estimate, parse_size, suggestions
+
+    budget = parse_size(args.gpu_mem) if args.gpu_mem else None
+    cfg = load_config(args.config, args.overrides)
+    result = estimate(cfg, args.nproc, args.labelled)
+    console.print(memory_table(result, args.nproc))
+    if result.offloaded:
+        console.print(f"offloaded to CPU memory: {gib(result.offloaded)} GiB per process")
+    if budget is None:
+        return 0
+    if result.total <= budget:
+        console.print(f"[green]fits[/]: {gib(result.total)} of {gib(budget)} GiB per device")
+        return 0
+    console.print(f"[red]does not fit[/]: {gib(result.total)} GiB per device, {gib(budget)} available. Changes, each alone:")
+    for text, total in suggestions(cfg, args.nproc, budget, args.labelled):
+        console.print(f"  {text:<55} {gib(total)} GiB {'(fits)' if total <= budget else ''}")
+    return EXIT_DOES_NOT_FIT
 
 
 def cmd_data_check(args) -> int:
@@ -284,6 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train with N processes on this machine (torchrun; one per GPU, or gloo on the CPU)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="estimate peak memory per device before any weights load",
+                       formatter_class=HelpFormatter,
+                       description="Example: vlmtune plan examples/stage2_lora.yaml --gpu-mem 24GiB --nproc 2")
+    p.add_argument("config", help="YAML config file (the run to plan)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for train")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="memory per device, e.g. 24GiB: say whether the run fits")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="processes (GPUs) the run uses")
+    p.add_argument("--labelled", type=float, default=0.5,
+                   help="share of tokens that carry a label (the logits kept), default 0.5")
+    p.set_defaults(func=cmd_plan)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="validate data files before training", formatter_class=HelpFormatter,
