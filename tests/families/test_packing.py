@@ -160,3 +160,38 @@ def test_length_groups_come_from_encoded_lengths_without_loading_a_sample(family
     by_batch = [sorted(lengths[i] for i in order[k:k + 2]) for k in range(0, len(order), 2)]
     spread = sum(b[-1] - b[0] for b in by_batch)
     assert spread < sum(b[-1] - b[0] for b in (sorted(lengths[k:k + 2]) for k in range(0, len(lengths), 2)))
+
+
+@pytest.mark.parametrize("family_name", ["llava", "qwen2_vl", "idefics3"])
+def test_a_text_only_batch_still_gives_every_tower_parameter_a_gradient(family_model, family_name, tmp_path):
+    """What several processes need (see keep_vision_busy): a batch without images reaches every tower
+    parameter an image batch reaches, with zero gradients, and the loss and other gradients unchanged."""
+    from vlmtune.training.trainer import blank_image_inputs, keep_vision_busy
+
+    loaded = load_model(family_model(family_name, "bytelevel"))
+    model = loaded.model.eval()
+    dataset = encoded(loaded, mixed_data(tmp_path))
+    collator = collator_for(loaded.family, loaded.processor.tokenizer.pad_token_id)
+    tower = {n for n, _ in model.named_parameters() if loaded.family.component_of(n) == "vision"}
+
+    def step(index):  # as VlmTrainer computes it: the loss from the returned logits
+        batch = collator([dataset[index]])
+        labels = batch.pop("labels")
+        loss = supervised_loss(model(**batch), labels)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss.item(), grads
+
+    _, with_image = step(next(i for i, item in enumerate(dataset.items) if item.images))
+    used = tower & set(with_image)
+    text_only = next(i for i, item in enumerate(dataset.items) if not item.images)
+    plain_loss, plain = step(text_only)
+    assert used and not used & set(plain)  # the situation several processes cannot sync
+    handle = keep_vision_busy(model, blank_image_inputs(loaded.processor))
+    busy_loss, busy = step(text_only)
+    handle.remove()
+    assert busy_loss == plain_loss
+    assert used <= set(busy) and not any(busy[n].any() for n in used)
+    for name, grad in plain.items():
+        torch.testing.assert_close(busy[name], grad)

@@ -5,7 +5,8 @@
 - packed rows (`data.packing`): per-sample positions from `pack_lengths` (and the family's own
   multi-row positions), no attention mask, so attention stays inside each sample;
 - length-grouped batches from lengths known after encoding (the stock sampler would load every
-  sample, images included, to measure it).
+  sample, images included, to measure it);
+- with several processes, text-only batches still run the vision path (on a blank image, times zero).
 Loss scaling across accumulation steps and processes stays the Trainer's (`compute_loss_func`)."""
 
 from __future__ import annotations
@@ -43,6 +44,44 @@ def supervised_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> t
     return loss / num_items_in_batch
 
 
+def blank_image_inputs(processor) -> dict[str, torch.Tensor]:
+    """The image processor's inputs for one blank image (any size: the processor resizes or tiles it)."""
+    from PIL import Image
+
+    out = processor.image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
+    return {k: v for k, v in out.items() if torch.is_tensor(v)}
+
+
+def keep_vision_busy(model, blank: dict[str, torch.Tensor]):
+    """With several processes, a batch without images would leave a trainable vision tower out of the
+    backward pass on that process only, and DDP / FSDP / ZeRO-3 wait for gradients that never come. So
+    such a forward also runs the tower on a blank image and adds its features times zero to the logits:
+    every process uses every parameter, and the loss and gradients are unchanged. Returns the hook handle."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def hook(module, args, kwargs, output):
+        if any(kwargs.get(key) is not None for key in blank) or getattr(output, "logits", None) is None:
+            return output
+        device = output.logits.device
+        features = base.get_image_features(**{k: v.to(device) for k, v in blank.items()})
+        zero = sum(t.float().sum() for t in _tensors(features)) * 0.0
+        output.logits = output.logits + zero.to(output.logits.dtype)
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def _tensors(value):
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict) or hasattr(value, "values"):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
 def takes_logits_to_keep(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
@@ -54,6 +93,9 @@ class VlmTrainer(Trainer):
         self.family = family
         self.lengths = lengths  # per training item (sample or packed row), for `data.group_by_length`
         self.slice_logits = takes_logits_to_keep(self.model)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if self.args.world_size > 1 and hasattr(base, "get_image_features") and self.processing_class is not None:
+            keep_vision_busy(self.model, blank_image_inputs(self.processing_class))
 
     def _get_train_sampler(self, train_dataset=None):
         if self.lengths is None:
