@@ -108,7 +108,7 @@ def test_every_option_has_help_and_shows_its_default():
                            (["eval", "--help"], "eval_results.jsonl, in the current folder"),
                            (["data", "check", "--help"], "(default: assistant)"),
                            (["convert", "--help"], "output folder (written only if the whole conversion succeeds)"),
-                           (["demo", "--help"], "synthetic training images to render (default: 2000)")):
+                           (["demo", "--help"], "synthetic training images to render; default: llava: 2000, mgm: 1500")):
         import contextlib
         import io
 

@@ -272,20 +272,10 @@ def cmd_export(args) -> int:
     return 0
 
 
-DEMO_IMAGES = (2000, 200)  # --family mgm has its own defaults (1500, 150) unless these are given
-
-
 def cmd_demo(args) -> int:
-    if args.family == "mgm":  # Mini-Gemini beside LLaVA on a task only the high-resolution encoder can see
-        from vlmtune.demo.detail import run_detail_demo
+    from vlmtune.demo import DEMOS
 
-        sizes = {k: v for k, v, default in (("train_images", args.train_images, DEMO_IMAGES[0]),
-                                            ("eval_images", args.eval_images, DEMO_IMAGES[1])) if v != default}
-        run_detail_demo(args.out if args.out != "demo-out" else "demo-mgm", seed=args.seed, **sizes)
-        return 0
-    from vlmtune.demo.run import run_demo
-
-    run_demo(args.out, train_images=args.train_images, eval_images=args.eval_images, seed=args.seed)
+    DEMOS[args.family].run(args.out, args.train_images, args.eval_images, args.seed)
     return 0
 
 
@@ -433,12 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a tiny VLM from scratch on synthetic shapes and report accuracy",
                        formatter_class=HelpFormatter,
                        description="Example: vlmtune demo --out demo-out")
-    p.add_argument("--out", default="demo-out", help="output folder (data, models, report.json)")
-    p.add_argument("--train-images", type=int, default=DEMO_IMAGES[0], help="synthetic training images to render")
-    p.add_argument("--eval-images", type=int, default=DEMO_IMAGES[1], help="held-out images for the accuracy before and after")
+    from vlmtune.demo import DEMOS
+
+    p.add_argument("--out", help="output folder (data, models, report.json); default: "
+                   + ", ".join(f"{name}: {demo.out}" for name, demo in DEMOS.items()))
+    p.add_argument("--train-images", type=int, help="synthetic training images to render; default: "
+                   + ", ".join(f"{name}: {demo.train_images}" for name, demo in DEMOS.items()))
+    p.add_argument("--eval-images", type=int, help="held-out images for the accuracy; default: "
+                   + ", ".join(f"{name}: {demo.eval_images}" for name, demo in DEMOS.items()))
     p.add_argument("--seed", type=int, default=0, help="seed for the data, the model and training")
-    p.add_argument("--family", choices=("llava", "mgm"), default="llava",
-                   help="mgm: Mini-Gemini (ViT + high-res ConvNeXt) beside LLaVA on 3x3 marks a low-res view cannot see")
+    p.add_argument("--family", choices=tuple(DEMOS), default="llava",
+                   help="; ".join(f"{name}: {demo.help}" for name, demo in DEMOS.items()))
     p.set_defaults(func=cmd_demo)
 
     for name in ("merge", "convert", "export"):

@@ -1,11 +1,12 @@
 """`vlmtune demo --family mgm`: does the second, high-resolution encoder earn its place?
 
-Each 32x32 image holds one 3x3-pixel mark (plus, cross or corner: five pixels each, so brightness
-does not tell them apart) inside one 4x4 cell on a noisy background; the question asks which. At
-8x8 — what the low-resolution ViT sees — the cell is one pixel, and the mark's shape is averaged
-away. A Mini-Gemini model (ViT at 8 + ConvNeXt at 32) and a LLaVA model (the same ViT at 8) are
-built from scratch and trained with the same data, steps and learning rate; both are evaluated on
-held-out images."""
+Each 32x32 image is flat grey except one 16x16 quadrant holding a fine texture — `checks`
+(a checkerboard), `stripes` (alternate rows) or `bars` (alternate columns) — in a dark and a light
+grey that average to the background; the question asks which. At 8x8 — what the low-resolution ViT
+sees (the processor's bilinear downsample) — every texture averages to the background grey, so all
+three classes give the same picture; the 32x32 ConvNeXt sees them plainly. A Mini-Gemini model
+(ViT at 8 + ConvNeXt at 32) and a LLaVA model (the same ViT at 8) are built from scratch and trained
+with the same data, steps and learning rates; both are evaluated on held-out images."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from vlmtune.models import tiny
 from vlmtune.training.run import train
 
 IMAGE_SIZE, LOW_RES = 32, 8
-MARKS = {"plus": [(1, 0), (0, 1), (1, 1), (2, 1), (1, 2)], "cross": [(0, 0), (2, 0), (1, 1), (0, 2), (2, 2)],
-         "corner": [(0, 0), (0, 1), (0, 2), (1, 2), (2, 2)]}
-QUESTION = "Which mark is in the image?"
+PATTERNS = {"checks": lambda x, y: (x + y) % 2, "stripes": lambda x, y: y % 2, "bars": lambda x, y: x % 2}
+MARKS = PATTERNS  # the answers
+QUESTION = "Which pattern is in the image?"
 VISION = {"image_size": LOW_RES, "patch_size": 4, "hidden": 64, "layers": 2, "heads": 2}
 LLM = {"hidden": 64, "layers": 2, "heads": 2}
 CONVNEXT = {"hidden_sizes": [16, 32, 32, 32], "depths": [1, 1, 1, 1], "image_size": IMAGE_SIZE}
@@ -38,18 +39,16 @@ TUNES = {"mgm": {"vision": "full", "vision_aux": "full", "mining": "full", "proj
          "llava": {"vision": "full", "projector": "full", "llm": "full", "lr": {"vision": IMAGE_LR, "projector": IMAGE_LR}}}
 
 
-def render(mark: str, rng: random.Random) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
+def render(pattern: str, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (128, 128, 128))
     pixels = image.load()
-    for x in range(IMAGE_SIZE):
-        for y in range(IMAGE_SIZE):
-            shade = rng.randint(235, 255)
+    contrast = rng.randint(60, 100)
+    half = IMAGE_SIZE // 2
+    ox, oy = half * rng.randint(0, 1), half * rng.randint(0, 1)  # quadrants start on the low-res grid
+    for x in range(ox, ox + half):
+        for y in range(oy, oy + half):
+            shade = 128 + contrast if PATTERNS[pattern](x, y) else 128 - contrast
             pixels[x, y] = (shade, shade, shade)
-    cell = IMAGE_SIZE // LOW_RES  # the mark sits inside one low-res pixel: averaged away at low resolution
-    ox, oy = cell * rng.randint(1, LOW_RES - 2), cell * rng.randint(1, LOW_RES - 2)
-    ink = tuple(rng.randint(0, 60) for _ in range(3))
-    for dx, dy in MARKS[mark]:
-        pixels[ox + dx, oy + dy] = ink
     return image
 
 
@@ -73,7 +72,7 @@ def make_dataset(out: Path, train_images: int, eval_images: int, seed: int) -> d
 def run_detail_demo(out: str | Path = "demo-mgm", train_images: int = 1500, eval_images: int = 150, seed: int = 0) -> dict:
     out = Path(out).resolve()
     started = time.perf_counter()
-    console.rule(f"vlmtune demo (mgm): a 3x3 mark in a {IMAGE_SIZE}x{IMAGE_SIZE} image")
+    console.rule(f"vlmtune demo (mgm): a fine texture in a {IMAGE_SIZE}x{IMAGE_SIZE} image")
     files = make_dataset(out / "data", train_images, eval_images, seed)
     tokenizer = tiny.build_tokenizer([QUESTION + " " + " ".join(MARKS)], vocab_size=128)
     vision = tiny.save_vision_encoder(out / "parts" / "vision", **VISION, seed=seed)
@@ -81,7 +80,8 @@ def run_detail_demo(out: str | Path = "demo-mgm", train_images: int = 1500, eval
     ConvNextModel(ConvNextConfig(**CONVNEXT)).save_pretrained(out / "parts" / "convnext")
     models = {"mgm": {"family": "mgm", "vision": str(vision), "vision_aux": str(out / "parts" / "convnext"), "llm": str(llm)},
               "llava": {"family": "llava", "vision": str(vision), "llm": str(llm)}}
-    report: dict = {"task": f"which of {len(MARKS)} 3x3 marks is in a {IMAGE_SIZE}px image (chance {1 / len(MARKS):.2f})",
+    report: dict = {"task": f"which of {len(MARKS)} fine textures fills a quadrant of a {IMAGE_SIZE}px image "
+                            f"(chance {1 / len(MARKS):.2f})",
                     "train_images": train_images, "eval_images": eval_images, "train": TRAIN}
     for name, model in models.items():
         console.rule(f"{name}: train from scratch")
