@@ -40,22 +40,24 @@ def original_state(llm_dir: Path, convnext: dict[str, torch.Tensor], seed: int =
     return state
 
 
-def original_config(llm_dir: Path, towers: dict, image_size_aux: int = 32) -> dict:
+def original_config(llm_dir: Path, towers: dict, image_size_aux: int = 32, image_grid: int = 1,
+                    image_global: bool = False) -> dict:
     raw = json.loads((llm_dir / "config.json").read_text())
     return {**raw, "_name_or_path": str(llm_dir), "architectures": ["MGMLlamaForCausalLM"], "model_type": "mgm",
             **towers, "mm_hidden_size": VIT["hidden_size"], "mm_hidden_size_aux": 72, "mm_projector_type": "mlp2x_gelu",
             "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_use_im_start_end": False,
             "mm_use_im_patch_token": False, "mm_projector_lr": None, "use_mm_proj": True, "tune_mm_mlp_adapter": False,
-            "freeze_mm_mlp_adapter": False, "image_size_aux": image_size_aux, "image_grid": 1, "image_global": False,
+            "freeze_mm_mlp_adapter": False, "image_size_aux": image_size_aux, "image_grid": image_grid, "image_global": image_global,
             "image_aspect_ratio": "pad", "optimize_vision_tower": False, "optimize_vision_tower_aux": False,
             "tokenizer_padding_side": "right", "tokenizer_model_max_length": 2048, "torch_dtype": "bfloat16",
             "transformers_version": "4.36.2", "use_cache": True}
 
 
-def write_stage2(folder: Path, llm_dir: Path, state: dict, towers: dict = RELEASED_TOWERS) -> Path:
-    """`trainer.save_model`: two shards and their index, config, generation config, tokenizer, trainer state."""
+def write_stage2(folder: Path, llm_dir: Path, state: dict, towers: dict = RELEASED_TOWERS, **config) -> Path:
+    """`trainer.save_model`: two shards and their index, config, generation config, tokenizer, trainer state.
+    `config`: image_size_aux, image_grid, image_global (MGM-HD: 1536, 2, true)."""
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(original_config(llm_dir, towers), indent=2))
+    (folder / "config.json").write_text(json.dumps(original_config(llm_dir, towers, **config), indent=2))
     keys = sorted(state)
     shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
               "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}

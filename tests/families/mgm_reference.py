@@ -59,9 +59,24 @@ def mining(state, prefix, tokens, aux):
     return tokens + torch.einsum("bnp,bnpd->bnd", att.softmax(-1), v)
 
 
-def original_logits(state: dict, llm_dir, vit_config: dict, pixel_values, pixel_values_aux, before, after):
+def hd_views(pixel_values_aux, size: int, grid: int, global_view: bool) -> torch.Tensor:
+    """MGM's dataset: the ViT's views of one aux image, cut by slicing (MGM reshapes and permutes): the
+    aux tensor downsampled to grid * size, its crops row by row, then the whole at `size`."""
+    image = F.interpolate(pixel_values_aux.float(), size=(size * grid, size * grid), mode="bilinear", align_corners=False)
+    if grid == 1:
+        return image
+    views = [image[:, :, y * size:(y + 1) * size, x * size:(x + 1) * size] for y in range(grid) for x in range(grid)]
+    if global_view:
+        views.append(F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False))
+    return torch.cat(views)
+
+
+def original_logits(state: dict, llm_dir, vit_config: dict, pixel_values, pixel_values_aux, before, after,
+                    grid: int = 1, global_view: bool = False):
     """MGM's forward on its own key names: CLIP (layer -2, CLS dropped) + mined ConvNeXt windows ->
-    mm_projector -> the image spliced between the `before` and `after` token ids of the Llama LLM."""
+    mm_projector -> the image spliced between the `before` and `after` token ids of the Llama LLM.
+    MGM-HD (`grid` 2): each crop mines its own part of the aux map, the global view the whole map
+    downsampled by `grid`, and the tokens go global first, then the crops."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM
 
     vit = CLIPVisionModel(CLIPVisionConfig(**vit_config))
@@ -73,7 +88,14 @@ def original_logits(state: dict, llm_dir, vit_config: dict, pixel_values, pixel_
         tokens = vit(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
         aux_state = {k.replace("model.vision_tower_aux.vision_", ""): v for k, v in state.items()
                      if k.startswith("model.vision_tower_aux.")}
-        tokens = mining(state, "model.", tokens, aux_features(aux_state, "", pixel_values_aux))
+        aux = aux_features(aux_state, "", pixel_values_aux)
+        part = aux.shape[-1] // grid
+        mined = [mining(state, "model.", tokens[i:i + 1], aux[..., y * part:(y + 1) * part, x * part:(x + 1) * part])
+                 for i, (y, x) in enumerate((y, x) for y in range(grid) for x in range(grid))]
+        if global_view:
+            whole = F.interpolate(aux, scale_factor=1 / grid, mode="bilinear", align_corners=False)
+            mined.insert(0, mining(state, "model.", tokens[-1:], whole))
+        tokens = torch.cat(mined, 1)
         w = lambda k: state[f"model.mm_projector.{k}"]  # noqa: E731
         image = F.linear(F.gelu(F.linear(tokens, w("0.weight"), w("0.bias"))), w("2.weight"), w("2.bias"))
         embed = llm.get_input_embeddings()

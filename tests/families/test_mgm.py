@@ -221,3 +221,32 @@ def test_blocks_last_half_of_the_vit_and_last_block_of_each_convnext_stage(famil
             load_model(folder).model)
     with pytest.raises(PlanError, match="the vision_aux is frozen"):
         TuningPlan(TuneConfig(vision="full", blocks={"vision_aux": ["encoder.stages[:].layers[-1]"]}), mgm, 1e-3)
+
+
+def test_hd_builds_from_parts_trains_and_loads_in_plain_transformers(parts, towers, tmp_path):
+    """MGM-HD from the config (`model.image_grid: 2`, `model.image_global: true`): 5 views per image,
+    trained, reloaded in plain transformers with equal logits; sizes that cannot tile are refused."""
+    from vlmtune.config import ConfigError
+    from vlmtune.models.family import FamilyError
+
+    data = color_data(tmp_path / "data")
+    built = {"family": "mgm", "vision": str(parts["vision"]), "vision_aux": str(towers["open_clip"]),
+             "llm": str(parts["llm"]), "image_size_aux": 32, "image_grid": 2, "image_global": True}
+    run(built, dict(vision="frozen", vision_aux="frozen", mining="full", projector="full", llm="frozen"), data, tmp_path / "hd")
+    config = json.loads((tmp_path / "hd" / "config.json").read_text())
+    assert (config["image_grid"], config["image_global"], config["image_size_aux"]) == (2, True, 32)
+    loaded = load_model(tmp_path / "hd")
+    assert loaded.processor.num_image_tokens == 5 * 4
+    inputs = vlmtune_inputs(loaded)
+    assert inputs["pixel_values"].shape == (5, 3, 16, 16) and inputs["pixel_values_aux"].shape == (1, 3, 32, 32)
+    with torch.no_grad():
+        ours = loaded.model.eval()(**inputs).logits
+    assert torch.allclose(plain_logits(tmp_path / "hd", inputs, tmp_path), ours, atol=1e-4)
+
+    with pytest.raises(ConfigError, match="`model.image_global` adds a whole-image view .* set `model.image_grid: 2`"):
+        load_config(tree={"model": {**built, "image_grid": None}, "data": {"train": str(data)}})
+    from vlmtune.models.mgm.build import check_sizes
+    from transformers import CLIPVisionConfig
+
+    with pytest.raises(FamilyError, match="image_size_aux 40 gives a 10x10 ConvNeXt map.*2x2 tokens x 2x2 crops; use a multiple of 16"):
+        check_sizes(CLIPVisionConfig(image_size=16, patch_size=8), 40, image_grid=2)

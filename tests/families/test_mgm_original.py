@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from families.mgm_original import RELEASED_TOWERS, VIT, original_state, write_stage1, write_stage2
-from families.mgm_reference import original_logits
-from families.test_mgm import CODE, color_data, run, timm_convnext_state
+from families.mgm_reference import hd_views, original_logits
+from families.test_mgm import CODE, color_data, plain_logits, run, timm_convnext_state, vlmtune_inputs
+from vlmtune.checkpoints.load import load_model
 from vlmtune.checkpoints.inspect import describe
 from vlmtune.convert.foreign import convert
 from vlmtune.convert.layouts import load_any
@@ -27,7 +28,9 @@ def original(parts, tmp_path_factory):
     root = tmp_path_factory.mktemp("mgm-original")
     state = original_state(parts["llm"], timm_convnext_state())
     return {"state": state, "stage2": write_stage2(root / "MGM-tiny", parts["llm"], state),
-            "stage1": write_stage1(root / "MGM-tiny-pretrain", parts["llm"], state), "llm": parts["llm"]}
+            "stage1": write_stage1(root / "MGM-tiny-pretrain", parts["llm"], state), "llm": parts["llm"],
+            # MGM-HD as its config says it (MGM-7B-HD: image_size_aux 1536, image_grid 2, image_global true)
+            "hd": write_stage2(root / "MGM-tiny-HD", parts["llm"], state, image_size_aux=64, image_grid=2, image_global=True)}
 
 
 def original_config_tower(key: str) -> str:
@@ -43,11 +46,15 @@ def logits_pair(loaded, state, llm_dir):
     ids = before + [processor.image_token_id] * processor.num_image_tokens + after
     with torch.no_grad():
         ours = loaded.model.eval()(input_ids=torch.tensor([ids]), **pixels).logits
-    theirs = original_logits(state, llm_dir, VIT, pixels["pixel_values"], pixels["pixel_values_aux"], before, after)
+    config = loaded.model.config
+    views = hd_views(pixels["pixel_values_aux"], VIT["image_size"], config.image_grid, config.image_global)
+    assert torch.allclose(pixels["pixel_values"], views, atol=1e-6)  # the processor cuts the views as MGM does
+    theirs = original_logits(state, llm_dir, VIT, views, pixels["pixel_values_aux"], before, after,
+                             grid=config.image_grid, global_view=config.image_global)
     return ours[..., : theirs.shape[-1]], theirs
 
 
-@pytest.mark.parametrize("stage", ["stage2", "stage1"])
+@pytest.mark.parametrize("stage", ["stage2", "stage1", "hd"])
 def test_original_folder_loads_with_mgm_logits_and_a_load_report(original, stage):
     folder = original[stage]
     family, layout = layout_for(folder)
@@ -117,3 +124,52 @@ def test_original_folders_continue_training(original, stage, tmp_path):
     manifest = run({"path": str(original[stage])}, tune, data, tmp_path / "out")
     assert manifest["family"] == "mgm"
     assert "vlm_uni_" in manifest["base"]["sources"]["mining"]
+
+
+def test_hd_views_tokens_and_a_wrong_view_count(original):
+    """MGM-HD: 2x2 crops + a global view = 5 ViT inputs per image and 5 x 4 placeholders, global first."""
+    loaded = load_any(original["hd"])
+    config, processor = loaded.model.config, loaded.processor
+    assert (config.image_grid, config.image_global, config.image_views) == (2, True, 5)
+    assert processor.num_image_tokens == 5 * (VIT["image_size"] // VIT["patch_size"]) ** 2
+    pixels = mm.image_inputs(processor, [Image.new("RGB", (40, 24), (0, 0, 255))] * 2)
+    assert pixels["pixel_values"].shape == (10, 3, 16, 16) and pixels["pixel_values_aux"].shape == (2, 3, 64, 64)
+    features = loaded.model.get_image_features(**pixels)
+    assert features.shape[:2] == (2, processor.num_image_tokens)
+    with pytest.raises(ValueError, match="8 low-resolution views for 2 high-resolution image.*needs 5 per image"):
+        loaded.model.get_image_features(pixel_values=pixels["pixel_values"][:8], pixel_values_aux=pixels["pixel_values_aux"])
+
+
+def test_hd_folder_continues_training_and_loads_in_plain_transformers(original, tmp_path):
+    data = color_data(tmp_path / "data")
+    tune = dict(vision="frozen", vision_aux="frozen", mining="full", projector="full", llm="full")
+    manifest = run({"path": str(original["hd"])}, tune, data, tmp_path / "out")
+    assert manifest["family"] == "mgm"
+    loaded = load_model(tmp_path / "out")
+    assert (loaded.model.config.image_grid, loaded.model.config.image_global) == (2, True)
+    inputs = vlmtune_inputs(loaded)
+    assert inputs["pixel_values"].shape[0] == 5
+    with torch.no_grad():
+        ours = loaded.model.eval()(**inputs).logits
+    assert torch.allclose(plain_logits(tmp_path / "out", inputs, tmp_path), ours, atol=1e-4)
+
+
+def test_mgm_loader_quirks_are_absorbed(original, tmp_path):
+    """MGM's own loader needs "mgm" in the folder name, finds `vlm_uni_*` only through a shard index and
+    needs the original tower paths on disk; a renamed, single-file folder with no towers here loads."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "my-finetune"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (original["stage2"] / name).is_file():
+            shutil.copy(original["stage2"] / name, folder / name)
+    save_file({k: v.contiguous() for k, v in original["state"].items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert "mgm" not in folder.name.lower() and not list(folder.glob("*.index.json"))
+    loaded = load_any(folder)
+    assert "not in the checkpoint" not in " ".join(loaded.sources.values())  # towers from the weights, not the paths
+    ours, theirs = logits_pair(loaded, original["state"], original["llm"])
+    assert torch.allclose(ours, theirs, atol=1e-4)

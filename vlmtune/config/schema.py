@@ -51,6 +51,13 @@ class ModelConfig(Section):
     image_size_aux: int | None = Field(
         None, gt=0, description="With `model.vision_aux`: the high-resolution image size (default: the tower's own, e.g. 768 for MGM)."
     )
+    image_grid: int | None = Field(
+        None, ge=1, le=4, description="With `model.vision_aux`: MGM-HD, the ViT sees image_grid x image_grid crops of an "
+        "image_grid times larger view (MGM-HD uses 2 with image_size_aux 1536)."
+    )
+    image_global: bool | None = Field(
+        None, description="With `model.image_grid` >= 2: add a whole-image view to the crops (MGM-HD's image_global)."
+    )
     family: str | None = Field(
         None, description="With `model.vision` + `model.llm`: the family to build (default: llava). See `vlmtune inspect`."
     )
@@ -80,9 +87,11 @@ class ModelConfig(Section):
     def _one_source(self) -> ModelConfig:
         if self.projector_weights and self.path:
             raise ValueError("`model.projector_weights` goes with `model.vision` + `model.llm`; a `model.path` has its projector")
-        if (self.vision_aux or self.image_size_aux) and not (self.vision and self.llm):
-            raise ValueError("`model.vision_aux` / `model.image_size_aux` build a new MGM with `model.vision` + `model.llm`; "
-                             "a `model.path` has its aux tower")
+        if (self.vision_aux or self.image_size_aux or self.image_grid or self.image_global) and not (self.vision and self.llm):
+            raise ValueError("`model.vision_aux` / `model.image_size_aux` / `model.image_grid` / `model.image_global` build a "
+                             "new MGM with `model.vision` + `model.llm`; a `model.path` has its aux tower and views")
+        if self.image_global and (self.image_grid or 1) < 2:
+            raise ValueError("`model.image_global` adds a whole-image view to MGM-HD's crops: set `model.image_grid: 2` too")
         if self.path and (self.vision or self.llm):
             raise ValueError("give either `model.path` or `model.vision` + `model.llm`, not both")
         if not self.path and not (self.vision and self.llm):

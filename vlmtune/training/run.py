@@ -191,7 +191,8 @@ def load_or_build(cfg: RunConfig) -> LoadedModel:
     else:
         family = builder(m.family)
         family.check_requirements()
-        parts = {k: v for k, v in (("vision_aux", m.vision_aux), ("image_size_aux", m.image_size_aux)) if v}
+        parts = {k: v for k, v in (("vision_aux", m.vision_aux), ("image_size_aux", m.image_size_aux),
+                                   ("image_grid", m.image_grid), ("image_global", m.image_global)) if v}
         if parts and "vision_aux" not in inspect.signature(family.build).parameters:
             raise ConfigError(f"`model.vision_aux` is for a dual-encoder family (`model.family: mgm`); the {family.name} "
                               "family has one vision encoder")

@@ -19,8 +19,10 @@ IMAGE_TOKEN = "<image>"
 
 
 def build(vision_dir: str, llm_dir: str, projector: str = "mlp2x_gelu", options: LoadOptions = LoadOptions(),
-          vision_aux: str | None = None, image_size_aux: int | None = None):
-    """A new MGM model: `model.vision` (CLIP), `model.vision_aux` (ConvNeXt) and `model.llm`."""
+          vision_aux: str | None = None, image_size_aux: int | None = None, image_grid: int = 1,
+          image_global: bool = False):
+    """A new MGM model: `model.vision` (CLIP), `model.vision_aux` (ConvNeXt) and `model.llm`; MGM-HD with
+    `image_grid` 2 (and `image_global`)."""
     if not vision_aux:
         raise FamilyError("`model.family: mgm` needs `model.vision_aux`: the high-resolution ConvNeXt folder "
                           "(a transformers ConvNextModel, OpenCLIP or timm folder)")
@@ -32,24 +34,28 @@ def build(vision_dir: str, llm_dir: str, projector: str = "mlp2x_gelu", options:
         aux,
         AutoModelForCausalLM.from_pretrained(llm_dir, **options.kwargs()),
         AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=options.trust_remote_code),
-        projector, image_size_aux or native_size,
+        projector, image_size_aux or native_size, image_grid=image_grid, image_global=image_global,
     )
 
 
-def check_sizes(vision_config, image_size_aux: int, stride: int = 4) -> None:
-    """The ConvNeXt's first-stage map must tile into one window per ViT token."""
-    grid = vision_config.image_size // vision_config.patch_size
+def check_sizes(vision_config, image_size_aux: int, image_grid: int = 1, stride: int = 4) -> None:
+    """The ConvNeXt's first-stage map must tile into one window per ViT token (of every crop, with MGM-HD)."""
+    grid = vision_config.image_size // vision_config.patch_size * image_grid
     side = image_size_aux // stride
     if image_size_aux % stride or side % grid:
+        views = f" x {image_grid}x{image_grid} crops" if image_grid > 1 else ""
         raise FamilyError(f"MGM: image_size_aux {image_size_aux} gives a {side}x{side} ConvNeXt map, which does not "
-                          f"split into the ViT's {grid}x{grid} tokens; use a multiple of {grid * stride} "
-                          f"(e.g. {grid * stride * max(1, round(side / grid))})")
+                          f"split into the ViT's {grid // image_grid}x{grid // image_grid} tokens{views}; use a multiple "
+                          f"of {grid * stride} (e.g. {grid * stride * max(1, round(side / grid))})")
 
 
 def build_from_parts(vision, image_processor, aux, llm, tokenizer, projector: str = "mlp2x_gelu",
-                     image_size_aux: int = 768, vision_feature_layer: int = -2):
+                     image_size_aux: int = 768, vision_feature_layer: int = -2, image_grid: int = 1,
+                     image_global: bool = False):
     """Assemble an MGM model and its processor from loaded parts; mining and projector are new."""
-    check_sizes(vision.config, image_size_aux)
+    if image_global and image_grid < 2:
+        raise FamilyError("MGM: image_global adds a whole-image view to MGM-HD's crops; set image_grid: 2 too")
+    check_sizes(vision.config, image_size_aux, image_grid)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -63,12 +69,14 @@ def build_from_parts(vision, image_processor, aux, llm, tokenizer, projector: st
                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), projector_type=projector,
                        vision_feature_select_strategy="default" if has_cls else "full",
                        vision_feature_layer=vision_feature_layer, image_size_aux=image_size_aux,
+                       image_grid=image_grid, image_global=image_global,
                        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
     model = _assemble(config, vision, aux, llm)
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, key, getattr(tokenizer, key))
     mgm_images = MGMImageProcessor(
         image_size=vision.config.image_size, image_mean=image_processor.image_mean, image_std=image_processor.image_std,
+        image_grid=image_grid, image_global=image_global,
         size={"shortest_edge": image_size_aux}, crop_size={"height": image_size_aux, "width": image_size_aux})
     processor = MGMProcessor(mgm_images, tokenizer, patch_size=vision.config.patch_size, image_token=IMAGE_TOKEN,
                              chat_template=tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE)

@@ -120,14 +120,32 @@ class MGMModel(MGMPreTrainedModel):
         return torch.cat(resized, dim=1)  # [batch, sum(hidden_sizes), height, width]
 
     def get_image_features(self, pixel_values: torch.Tensor, pixel_values_aux: torch.Tensor) -> torch.Tensor:
-        dtype = self.vision_tower.dtype
+        """`pixel_values`: [images * views, 3, size, size], each image's crops row by row, then its global view
+        (MGM-HD; one view otherwise). `pixel_values_aux`: [images, 3, size_aux, size_aux]. Returns
+        [images, views * tokens, text hidden], tokens ordered global view first, then the crops (MGM's order)."""
+        config, dtype = self.config, self.vision_tower.dtype
+        images, views, grid = pixel_values_aux.shape[0], config.image_views, config.image_grid
+        if pixel_values.shape[0] != images * views:
+            raise ValueError(f"MGM: {pixel_values.shape[0]} low-resolution views for {images} high-resolution image(s); "
+                             f"image_grid={grid}, image_global={config.image_global} needs {views} per image: "
+                             "use the MGM processor saved with this model")
         out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
-        tokens = out.hidden_states[self.config.vision_feature_layer]
-        if self.config.vision_feature_select_strategy == "default":
+        tokens = out.hidden_states[config.vision_feature_layer]
+        if config.vision_feature_select_strategy == "default":
             tokens = tokens[:, 1:]
+        tokens = tokens.reshape(images, views, *tokens.shape[1:])
         aux = self.aux_features(pixel_values_aux.to(self.vision_tower_aux.dtype)).to(tokens.dtype)
-        tokens = tokens + self.mining(tokens, aux)
-        return self.multi_modal_projector(tokens)  # [images, tokens, text hidden]
+        crops = tokens[:, : grid * grid].flatten(0, 1)
+        if grid > 1:  # each crop mines its own part of the aux map: [images * grid², dim_aux, h / grid, w / grid]
+            parts = aux.reshape(*aux.shape[:2], grid, aux.shape[-2] // grid, grid, aux.shape[-1] // grid)
+            parts = parts.permute(0, 2, 4, 1, 3, 5).flatten(0, 2)
+        else:
+            parts = aux
+        mined = (crops + self.mining(crops, parts)).reshape(images, -1, tokens.shape[-1])
+        if views > grid * grid:  # the global view mines the whole aux map, downsampled to its scale
+            whole = F.interpolate(aux.float(), scale_factor=1 / grid, mode="bilinear", align_corners=False).to(aux.dtype)
+            mined = torch.cat([tokens[:, -1] + self.mining(tokens[:, -1], whole), mined], dim=1)
+        return self.multi_modal_projector(mined)  # [images, views * tokens, text hidden]
 
     def forward(self, input_ids=None, pixel_values=None, pixel_values_aux=None, attention_mask=None,
                 position_ids=None, past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):

@@ -171,6 +171,7 @@ def load_original(path: Path, options: LoadOptions = LoadOptions(), convert: Con
     config = MGMConfig(vision_config=vision, vision_aux_config=convnext_config(aux_state, size_aux), text_config=text_config,
                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), projector_type=projector,
                        vision_feature_layer=raw.get("mm_vision_select_layer", -2), image_size_aux=size_aux,
+                       image_grid=int(raw.get("image_grid", 1) or 1), image_global=bool(raw.get("image_global", False)),
                        vision_feature_select_strategy="default" if raw.get("mm_vision_select_feature", "patch") == "patch" else "full",
                        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
     model = MGMForConditionalGeneration(config)
@@ -190,6 +191,7 @@ def load_original(path: Path, options: LoadOptions = LoadOptions(), convert: Con
         mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
     images = MGMImageProcessor(image_size=vision.image_size, image_mean=mean, image_std=std,
                                image_aspect_ratio=raw.get("image_aspect_ratio", "pad"),
+                               image_grid=config.image_grid, image_global=config.image_global,
                                size={"shortest_edge": size_aux}, crop_size={"height": size_aux, "width": size_aux})
     from vlmtune.models.chat_template import DEFAULT_CHAT_TEMPLATE
     processor = MGMProcessor(images, tokenizer, patch_size=vision.patch_size, image_token=IMAGE_TOKEN,
@@ -217,7 +219,8 @@ def describe(path: Path) -> dict:
             group["dtypes"].add(dtype)
     needs = ("mm_vision_tower", "mm_vision_tower_aux") + (("_name_or_path",) if stage1 else ())
     return {"architecture": (raw.get("architectures") or [raw.get("model_type")])[0], "stage": 1 if stage1 else 2,
-            "image_size_aux": raw.get("image_size_aux"),
+            "image_size_aux": raw.get("image_size_aux"), "image_grid": raw.get("image_grid", 1),
+            "image_global": raw.get("image_global", False),
             "components": {c: {**g, "dtypes": sorted(g["dtypes"])} for c, g in groups.items()},
             "needs_base": {key: {"path": raw.get(key), "present": _folder(raw.get(key)) is not None,
                                  "in_checkpoint": _in_checkpoint(key, groups)}
