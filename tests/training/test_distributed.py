@@ -147,3 +147,31 @@ def test_deepspeed_config_follows_the_section_and_leaves_sizes_to_the_trainer(tm
     own = tmp_path / "ds.json"
     own.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     assert deepspeed_config(cfg_with(strategy="deepspeed", deepspeed_config=str(own))) == {"zero_optimization": {"stage": 1}}
+
+
+def test_data_prepared_once_per_machine_round_trips_exactly(tiny_vlm, tmp_path):
+    """What the first process on a machine writes for the others (checked, encoded samples and the
+    problems) reads back equal, field for field; the 2-process runs above train on it."""
+    from vlmtune.checkpoints.load import load_model
+    from vlmtune.data.check import check_data, encode_checked
+    from vlmtune.data.encode import SampleEncoder
+    from vlmtune.data.shared import read_reports, shared_file, write_reports
+
+    data = mixed_color_data(tmp_path / "data")
+    with data.open("a") as f:
+        f.write('{"id": "broken", "images": ["missing.png"], "messages": []}\n')
+    report = check_data([str(data)])
+    loaded = load_model(tiny_vlm)
+    encode_checked(report, SampleEncoder(loaded.processor, loaded.family, 256))
+    assert report.encoded and report.problems and report.encoded[0].images
+    path = shared_file(tmp_path / "out")
+    assert path == shared_file(tmp_path / "out") and path != shared_file(tmp_path / "other")
+    write_reports(path, {"train": report})
+    try:
+        assert read_reports(path) == {"train": report}
+    finally:
+        path.unlink()
+    path.write_text("{not json")
+    with pytest.raises(RuntimeError, match="cannot be read .* Set TMPDIR to a machine-local one"):
+        read_reports(path)
+    path.unlink()

@@ -2,7 +2,8 @@
 (through the transformers Trainer) runs them, DeepSpeed ZeRO is configured for the Trainer.
 
 A run learns its place from the launcher's environment (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`). Every
-process checks and encodes the data and builds the model (deterministically, so all hold the same);
+machine's first process checks and encodes the data, the others read its result
+(`vlmtune.data.shared`); every process builds the model (deterministically, so all hold the same);
 only the main process writes files, and the others wait for it where they must (`barrier`)."""
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def check_strategy(cfg: RunConfig, processes: Processes) -> None:
     d = cfg.train.distributed
     if not processes.several:
         return
-    if d.strategy == "fsdp":
+    if d.strategy == "fsdp":  # see docs/distributed.md, "FSDP"
         raise ConfigError("`train.distributed.strategy=fsdp` is not supported yet; use ddp (every process holds the "
                           "whole model) or deepspeed (ZeRO-3 shards the parameters, on GPUs)")
     if d.strategy == "deepspeed":

@@ -39,6 +39,7 @@ from vlmtune.data.dataset import ConversationDataset, collator_for
 from vlmtune.data.encode import SampleEncoder
 from vlmtune.data.packing import PackedDataset, PackedRows, pack_groups
 from vlmtune.data.records import DataError, Problem
+from vlmtune.data.shared import read_reports, shared_file, write_reports
 from vlmtune.models.family import LoadOptions
 from vlmtune.models.registry import builder, families
 from vlmtune.training.checkpointing import (
@@ -323,9 +324,12 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
     earlier = check_output_dir(out, cfg) if checkpoint is None else []
-    # the checks that need no model come first: broken data fails fast, before any weights load
+    # the checks that need no model come first: broken data fails fast, before any weights load. With
+    # several processes the first on each machine checks and encodes; the others read its result
+    prepares = processes.local_rank == 0
+    shared = shared_file(out) if processes.several else None
     reports = {role: check_data(files, cfg.data.images_root, cfg.data.max_image_pixels, cfg.data.downscale_large_images)
-               for role, files in (("train", cfg.data.train), ("eval", cfg.data.eval)) if files}
+               for role, files in (("train", cfg.data.train), ("eval", cfg.data.eval)) if files and prepares}
     for role, report in reports.items():
         if cfg.data.confine_images:
             confine_images(report, [cfg.data.images_root] if cfg.data.images_root else [str(Path(f).parent) for f in report.files])
@@ -347,8 +351,17 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
                             max_pixels)
     if encoder.renderer.template is not None:  # the template trained with is the one saved and served
         loaded.processor.chat_template = encoder.renderer.template
-    train_data = prepare_data(reports["train"], cfg, encoder, "train")
-    eval_data = prepare_data(reports["eval"], cfg, encoder, "eval") if "eval" in reports else None
+    if prepares:
+        reports = {role: prepare_data(report, cfg, encoder, role) for role, report in reports.items()}
+        if shared is not None:
+            write_reports(shared, reports)
+    barrier()
+    if not prepares:
+        reports = read_reports(shared)
+    barrier()  # every process on the machine has read it
+    if shared is not None and prepares:
+        shared.unlink(missing_ok=True)
+    train_data, eval_data = reports["train"], reports.get("eval")
     # what this run is: compared with a checkpoint's before anything in output.dir (e.g. base/) is rewritten
     identity = {"config": cfg.model_dump(), "data": {"fingerprint": data_fingerprint(cfg.data.train)},
                 "source": base_record(loaded, None)}
@@ -403,7 +416,6 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
         if not plan.uses_lora:  # adapters resume correctly through the Trainer; full weights need this
             restore_full_weights(model, checkpoint, loaded.family)
         console.print(f"resuming from {checkpoint}")
-    optimizer = torch.optim.AdamW(plan.param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     dataset = ConversationDataset(train_data.encoded, loaded.processor, loaded.family, max_pixels)
     eval_dataset = ConversationDataset(eval_data.encoded, loaded.processor, loaded.family, max_pixels) if eval_data else None
     collator = collator_for(loaded.family, loaded.processor.tokenizer.pad_token_id)
@@ -421,7 +433,7 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
         eval_dataset=eval_dataset,
         processing_class=loaded.processor,
         callbacks=[JsonlLogger(out / LOG_FILE), CompleteCheckpoints(out, checkpoint_record, cfg.train.save_total_limit)],
-        optimizers=(optimizer, None),
+        param_groups=lambda wrapped: plan.param_groups(wrapped, cfg.train.weight_decay),
         family=loaded.family,
         lengths=lengths,
     )

@@ -12,8 +12,10 @@ Loss scaling across accumulation steps and processes stays the Trainer's (`compu
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -55,20 +57,39 @@ def blank_image_inputs(processor) -> dict[str, torch.Tensor]:
 def keep_vision_busy(model, blank: dict[str, torch.Tensor]):
     """With several processes, a batch without images would leave a trainable vision tower out of the
     backward pass on that process only, and DDP / FSDP / ZeRO-3 wait for gradients that never come. So
-    such a forward also runs the tower on a blank image and adds its features times zero to the logits:
-    every process uses every parameter, and the loss and gradients are unchanged. Returns the hook handle."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    such a forward also runs the tower on a blank image and adds its features times zero: every process
+    uses every parameter, and the loss and gradients are unchanged.
 
-    def hook(module, args, kwargs, output):
-        if any(kwargs.get(key) is not None for key in blank) or getattr(output, "logits", None) is None:
-            return output
-        device = output.logits.device
+    The tower runs, and joins the graph, where an image batch's does: right after the input embeddings
+    (transformers' VLMs embed the text, then encode the images into it). FSDP gathers each layer's
+    shards in forward and backward order, and every process must ask for them in the same order.
+    Returns the hook handles."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    state: dict = {}
+
+    def zero(device) -> torch.Tensor:
         features = base.get_image_features(**{k: v.to(device) for k, v in blank.items()})
-        zero = sum(t.float().sum() for t in _tensors(features)) * 0.0
-        output.logits = output.logits + zero.to(output.logits.dtype)
+        state["done"] = True
+        return sum(t.float().sum() for t in _tensors(features)) * 0.0
+
+    def start(module, args, kwargs):
+        state.clear()
+        state["text_only"] = not any(kwargs.get(key) is not None for key in blank)
+
+    def embedded(module, args, output):
+        if state.get("text_only") and not state.get("done"):
+            return output + zero(output.device).to(output.dtype)
         return output
 
-    return model.register_forward_hook(hook, with_kwargs=True)
+    def end(module, args, kwargs, output):
+        if state.get("text_only") and not state.get("done") and getattr(output, "logits", None) is not None:
+            output.logits = output.logits + zero(output.logits.device).to(output.logits.dtype)  # inputs_embeds given
+        state.clear()
+        return output
+
+    return (model.register_forward_pre_hook(start, with_kwargs=True),
+            base.get_input_embeddings().register_forward_hook(embedded),
+            model.register_forward_hook(end, with_kwargs=True))
 
 
 def _tensors(value):
@@ -88,14 +109,29 @@ def takes_logits_to_keep(model) -> bool:
 
 
 class VlmTrainer(Trainer):
-    def __init__(self, *args, family: Family, lengths: list[int] | None = None, **kwargs):
+    """The transformers Trainer with vlmtune's loss, batching and optimizer. `param_groups(model)` gives
+    the per-component groups (None: the Trainer's own); the optimizer is built from them when the Trainer asks (`create_optimizer`),
+    which under FSDP is the only way in: the Trainer refuses a ready optimizer there, and accelerate
+    moves the groups onto the sharded parameters when it wraps the model."""
+
+    def __init__(self, *args, family: Family, param_groups: Callable[[nn.Module], list[dict]] | None = None,
+                 lengths: list[int] | None = None, **kwargs):
         super().__init__(*args, compute_loss_func=supervised_loss, **kwargs)
+        self.param_groups = param_groups
         self.family = family
         self.lengths = lengths  # per training item (sample or packed row), for `data.group_by_length`
         self.slice_logits = takes_logits_to_keep(self.model)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.busy = None  # keep_vision_busy's hooks: with several processes, added at the first step
         if self.args.world_size > 1 and hasattr(base, "get_image_features") and self.processing_class is not None:
-            keep_vision_busy(self.model, blank_image_inputs(self.processing_class))
+            self.busy = blank_image_inputs(self.processing_class)
+
+    def create_optimizer(self, model=None):
+        if self.param_groups is None:
+            return super().create_optimizer(model)
+        if self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(self.param_groups(self.model), lr=self.args.learning_rate)
+        return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):
         if self.lengths is None:
@@ -104,6 +140,8 @@ class VlmTrainer(Trainer):
                                     lengths=self.lengths)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if isinstance(self.busy, dict):  # after FSDP has wrapped the model: its hooks must run before these
+            self.busy = keep_vision_busy(self.model, self.busy)
         inputs = dict(inputs)
         if "pack_lengths" in inputs:
             inputs["position_ids"] = packed_position_ids(self.accelerator.unwrap_model(model), self.family, inputs)
