@@ -1,0 +1,236 @@
+"""vlmtune beside TRL's SFTTrainer on the same job, runs alternating, each in its own process: the same
+LLaVA model (from packing.py's builder), the same mixed-length data (0-2 images, one to four turns,
+short and long answers), batch, steps, learning rate, AdamW, fp32 on the CPU. Prints per run: training
+seconds (the Trainer's loop), samples/s, supervised tokens/s (as each tool labels them), peak resident
+memory, seconds from process start to the first optimizer step, final loss; vlmtune's ratio to TRL;
+and vlmtune's useful FLOPs against this machine's fp32 matmul peak, measured in the same run.
+
+TRL is a benchmark-only dependency, installed beside the environment without touching it:
+
+    .venv/bin/pip install --target .bench-deps --no-deps trl==1.16.0 datasets dill multiprocess xxhash pandas pyarrow fsspec
+    .venv/bin/python benchmarks/peers.py --deps .bench-deps --repeats 2
+
+TRL's documented VLM path (a `messages` + `images` dataset, its vision collator) computes the loss on
+every token, prompt and image placeholders included (`assistant_only_loss` needs a chat template with
+generation marks); vlmtune's on the answers only. So the losses differ by design, and the fair speed
+figure is samples/s. LLaMA-Factory and ms-swift need their own environments (their own torch) and are
+not run here yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from packing import make_data, make_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTED = time.perf_counter()
+TOOLS = ("vlmtune", "vlmtune-packed", "trl")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak_gflops(size: int = 1024, seconds: float = 2.0) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        done += 1
+    return 2 * size**3 * done / (time.perf_counter() - start) / 1e9
+
+
+def first_step_callback():
+    """When the first optimizer step ended, counted from this process's start."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        at = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.at is None:
+                self.at = time.perf_counter() - STARTED
+
+    return FirstStep()
+
+
+def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, packed: bool) -> dict:
+    import torch
+
+    from vlmtune.config import load_config
+    from vlmtune.training import trainer as trainer_module
+    from vlmtune.training.run import train
+
+    torch.manual_seed(0)
+    cfg = load_config(tree={"model": {"path": str(model)}, "data": {"train": str(data), "max_length": 1024,
+                                                                    "packing": packed},
+                            "tune": {"vision": "full", "projector": "full", "llm": "full"},
+                            "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-3, "logging_steps": 1,
+                                      "save_steps": 0, "warmup_ratio": 0.0, "weight_decay": 0.0},
+                            "output": {"dir": str(out), "overwrite": True}})
+    seen = {"supervised": 0, "tokens": 0, "samples": 0}
+    first = first_step_callback()
+    original_init, original_loss = trainer_module.VlmTrainer.__init__, trainer_module.VlmTrainer.compute_loss
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.add_callback(first)
+
+    def counting(self, model, inputs, *args, **kwargs):
+        if model.training:
+            seen["supervised"] += int((inputs["labels"][:, 1:] != -100).sum())
+            ids, pad = inputs["input_ids"], self.processing_class.tokenizer.pad_token_id
+            seen["tokens"] += int((ids != pad).sum())
+            if "pack_lengths" in inputs:  # a segment is a sample unless it is a row's padding tail
+                for r, sizes in enumerate(inputs["pack_lengths"].tolist()):
+                    starts = [sum(sizes[:k]) for k, n in enumerate(sizes) if n]
+                    seen["samples"] += sum(int(ids[r, start] != pad) for start in starts)
+            else:
+                seen["samples"] += ids.shape[0]
+        return original_loss(self, model, inputs, *args, **kwargs)
+
+    trainer_module.VlmTrainer.__init__, trainer_module.VlmTrainer.compute_loss = init, counting
+    result = train(cfg)
+    return {"seconds": result.train_seconds, "final_loss": result.final_loss, "first_step": first.at, **seen}
+
+
+def trl_records(data: Path) -> list[dict]:
+    """The same samples in TRL's conversational VLM format: image blocks, then the text."""
+    from PIL import Image
+
+    records = []
+    for line in data.read_text().splitlines():
+        record = json.loads(line)
+        messages = []
+        for message in record["messages"]:
+            text = message["content"]
+            count = text.count("<image>")
+            content = [{"type": "image"}] * count + [{"type": "text", "text": text.replace("<image>", "")}]
+            messages.append({"role": message["role"], "content": content})
+        images = [Image.open(data.parent / p).convert("RGB") for p in record["images"]]
+        records.append({"messages": messages, "images": images})
+    return records
+
+
+def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int) -> dict:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    from datasets import IterableDataset
+
+    records = trl_records(data)
+    dataset = IterableDataset.from_generator(lambda: iter(records))
+    config = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-3,
+                       lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, logging_steps=1,
+                       save_strategy="no", report_to="none", use_cpu=True, max_length=None, seed=0,
+                       dataloader_num_workers=0, dataset_kwargs={"skip_prepare_dataset": True})
+    seen = {"supervised": 0, "tokens": 0, "samples": 0}
+    first = first_step_callback()
+
+    class Counting(SFTTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training:
+                seen["supervised"] += int((inputs["labels"][:, 1:] != -100).sum())
+                seen["tokens"] += int(inputs["attention_mask"].sum())
+                seen["samples"] += inputs["input_ids"].shape[0]
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    trainer = Counting(model=model, args=config, train_dataset=dataset, processing_class=processor, callbacks=[first])
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"seconds": seconds, "final_loss": losses[-1], "first_step": first.at, **seen}
+
+
+def child(args) -> dict:
+    work = Path(args.work)
+    model, data, out = work / "model", work / "data.jsonl", work / f"out-{args.child}"
+    if args.child == "trl":
+        row = run_trl(model, data, out, args.steps, args.batch_size)
+    else:
+        row = run_vlmtune(model, data, out, args.steps, args.batch_size, packed=args.child == "vlmtune-packed")
+    params = {}
+    if args.child != "trl":  # useful FLOPs: 6 x parameters x tokens, the LLM's and the vision tower's
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+        params = {"llm": _params(config.text_config), "vision": _params(config.vision_config)}
+        params["image_tokens"] = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    return {"tool": args.child, **row, "peak_rss_mib": peak_rss_mib(), "params": params}
+
+
+def _params(config) -> int:
+    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    return n * (4 * h * h + 3 * h * i)  # attention and MLP matrices (the FLOPs-bearing ones)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--deps", help="folder with TRL and datasets (pip install --target), added for TRL's runs")
+    parser.add_argument("--work", default="/tmp/vlmtune-bench-peers")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)))
+        return
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for link, target in (("data.jsonl", make_data(work, args.samples)), ("model", make_model(work, args.hidden, args.layers))):
+        (work / link).unlink(missing_ok=True)
+        (work / link).symlink_to(target)
+    peak = matmul_peak_gflops()
+    rows = []
+    for _ in range(args.repeats):
+        for tool in TOOLS:  # alternating, so a busy moment hurts every tool alike
+            env = dict(os.environ)
+            if tool == "trl" and args.deps:
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(args.deps).resolve()), env.get("PYTHONPATH")]))
+            done = subprocess.run([sys.executable, __file__, "--child", tool, "--work", str(work), "--steps",
+                                   str(args.steps), "--batch-size", str(args.batch_size)],
+                                  capture_output=True, text=True, cwd=ROOT, env=env)
+            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{tool} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            rows.append(json.loads(line[7:]))
+    print(f"fp32 matmul peak on this machine: {peak:.1f} GFLOP/s")
+    print(f"{'tool':<15} {'loop s':>7} {'samples/s':>10} {'sup tok/s':>10} {'peak MiB':>9} {'1st step s':>10} "
+          f"{'final loss':>10} {'MFU':>6}")
+    for row in rows:
+        mfu = ""
+        if row["params"]:
+            p = row["params"]
+            flops = 6 * (p["llm"] * row["tokens"] + p["vision"] * p["image_tokens"] * row["samples"])  # ~1 image per sample
+            mfu = f"{flops / row['seconds'] / 1e9 / peak:6.1%}"
+        print(f"{row['tool']:<15} {row['seconds']:7.1f} {row['samples'] / row['seconds']:10.2f} "
+              f"{row['supervised'] / row['seconds']:10.1f} {row['peak_rss_mib']:9.0f} {row['first_step']:10.1f} "
+              f"{row['final_loss']:10.4f} {mfu:>6}")
+    mean = {t: sum(r["samples"] / r["seconds"] for r in rows if r["tool"] == t) / args.repeats for t in TOOLS}
+    for tool in ("vlmtune", "vlmtune-packed"):
+        print(f"{tool} samples/s vs TRL: {mean[tool] / mean['trl']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
