@@ -7,10 +7,14 @@ and vlmtune's useful FLOPs against this machine's fp32 matmul peak, measured in 
 
 TRL is a benchmark-only dependency, installed beside the environment without touching it:
 
-    .venv/bin/pip install --target .bench-deps --no-deps trl==1.16.0 datasets dill multiprocess xxhash pandas pyarrow fsspec
+    .venv/bin/pip install --target .bench-deps --no-deps trl==1.16.0 datasets dill==0.3.9 \
+        multiprocess==0.70.17 xxhash pandas "pyarrow==24.*" fsspec
     .venv/bin/python benchmarks/peers.py --deps .bench-deps --repeats 2
 
-TRL's documented VLM path (a `messages` + `images` dataset, its vision collator) computes the loss on
+(datasets 5.2 wants dill < 0.4.2 and pyarrow >= 24. Here `Dataset.from_list` of these records
+still failed in datasets' fingerprinting — a PicklingError on pyarrow's `MonthDayNano` — so TRL gets
+an `IterableDataset`, which is not fingerprinted; the samples are the same.) TRL's documented VLM path (a `messages` + `images`
+dataset, its vision collator) computes the loss on
 every token, prompt and image placeholders included (`assistant_only_loss` needs a chat template with
 generation marks); vlmtune's on the answers only. So the losses differ by design, and the fair speed
 figure is samples/s. LLaMA-Factory and ms-swift need their own environments (their own torch) and are
@@ -80,7 +84,7 @@ def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, pack
                             "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-3, "logging_steps": 1,
                                       "save_steps": 0, "warmup_ratio": 0.0, "weight_decay": 0.0},
                             "output": {"dir": str(out), "overwrite": True}})
-    seen = {"supervised": 0, "tokens": 0, "samples": 0}
+    seen = {"supervised": 0, "tokens": 0, "samples": 0, "images": 0}
     first = first_step_callback()
     original_init, original_loss = trainer_module.VlmTrainer.__init__, trainer_module.VlmTrainer.compute_loss
 
@@ -91,6 +95,7 @@ def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, pack
     def counting(self, model, inputs, *args, **kwargs):
         if model.training:
             seen["supervised"] += int((inputs["labels"][:, 1:] != -100).sum())
+            seen["images"] += int(inputs["pixel_values"].shape[0]) if "pixel_values" in inputs else 0
             ids, pad = inputs["input_ids"], self.processing_class.tokenizer.pad_token_id
             seen["tokens"] += int((ids != pad).sum())
             if "pack_lengths" in inputs:  # a segment is a sample unless it is a row's padding tail
@@ -168,17 +173,19 @@ def child(args) -> dict:
         row = run_vlmtune(model, data, out, args.steps, args.batch_size, packed=args.child == "vlmtune-packed")
     params = {}
     if args.child != "trl":  # useful FLOPs: 6 x parameters x tokens, the LLM's and the vision tower's
+        from safetensors.torch import load_file
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model)
-        params = {"llm": _params(config.text_config), "vision": _params(config.vision_config)}
+        params = {"llm": _params(config.text_config, 3), "vision": _params(config.vision_config, 2),
+                  "total": sum(t.numel() for t in load_file(model / "model.safetensors").values())}
         params["image_tokens"] = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     return {"tool": args.child, **row, "peak_rss_mib": peak_rss_mib(), "params": params}
 
 
-def _params(config) -> int:
+def _params(config, mlp_matrices: int) -> int:
     h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    return n * (4 * h * h + 3 * h * i)  # attention and MLP matrices (the FLOPs-bearing ones)
+    return n * (4 * h * h + mlp_matrices * h * i)  # attention and MLP matrices (the FLOPs-bearing ones)
 
 
 def main() -> None:
@@ -215,14 +222,15 @@ def main() -> None:
             if line is None:
                 sys.exit(f"{tool} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
             rows.append(json.loads(line[7:]))
-    print(f"fp32 matmul peak on this machine: {peak:.1f} GFLOP/s")
+    total = next(r["params"]["total"] for r in rows if r["params"])
+    print(f"model: {total / 1e6:.1f}M parameters; fp32 matmul peak on this machine: {peak:.1f} GFLOP/s")
     print(f"{'tool':<15} {'loop s':>7} {'samples/s':>10} {'sup tok/s':>10} {'peak MiB':>9} {'1st step s':>10} "
           f"{'final loss':>10} {'MFU':>6}")
     for row in rows:
         mfu = ""
         if row["params"]:
             p = row["params"]
-            flops = 6 * (p["llm"] * row["tokens"] + p["vision"] * p["image_tokens"] * row["samples"])  # ~1 image per sample
+            flops = 6 * (p["llm"] * row["tokens"] + p["vision"] * p["image_tokens"] * row["images"])
             mfu = f"{flops / row['seconds'] / 1e9 / peak:6.1%}"
         print(f"{row['tool']:<15} {row['seconds']:7.1f} {row['samples'] / row['seconds']:10.2f} "
               f"{row['supervised'] / row['seconds']:10.1f} {row['peak_rss_mib']:9.0f} {row['first_step']:10.1f} "
