@@ -173,3 +173,19 @@ def test_mgm_loader_quirks_are_absorbed(original, tmp_path):
     assert "not in the checkpoint" not in " ".join(loaded.sources.values())  # towers from the weights, not the paths
     ours, theirs = logits_pair(loaded, original["state"], original["llm"])
     assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_leftover_and_missing_tensors_need_the_allow_flags(original, parts, tmp_path):
+    """A tensor of no component, or a component's tensor the checkpoint lacks, stops the load with the
+    flag that accepts it; with the flag it loads and the load report says what was left."""
+    state = {k: v for k, v in original["state"].items() if k != "model.vlm_uni_query_projector.1.bias"}
+    state["model.vision_resampler.weight"] = torch.zeros(3)
+    folder = write_stage2(tmp_path / "MGM-odd", parts["llm"], state)
+    with pytest.raises(ConversionError, match=r"1 source tensor\(s\) not used: model.vision_resampler.weight; .*"
+                                              r"mining.query.proj.bias .*--allow-unused --allow-missing"):
+        load_any(folder)
+    with pytest.raises(ConversionError, match=r"1 model parameter\(s\) not filled .*mining.query.proj.bias.*--allow-missing"):
+        convert(folder, ConvertOptions(allow_unused=True, command="convert"))
+    loaded = convert(folder, ConvertOptions(allow_unused=True, allow_missing=True, command="convert"))
+    assert any("model.vision_resampler.weight" in n for n in loaded.notes)
+    assert any("model.mining.query.proj.bias" in n for n in loaded.notes)

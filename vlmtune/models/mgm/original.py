@@ -29,6 +29,7 @@ from vlmtune.models.mgm.configuration_mgm import MGMConfig
 from vlmtune.models.mgm.modeling_mgm import MGMForConditionalGeneration
 from vlmtune.models.mgm.processing_mgm import MGMImageProcessor, MGMProcessor
 from vlmtune.models.mgm.towers import convnext_config, load_aux_tower, timm_to_transformers
+from vlmtune.models.parts import check_accounting
 
 TEXT_TYPES = {"mgm": "llama", "mgm_gemma": "gemma", "mgm_mistral": "mistral", "mgm_mixtral": "mixtral"}
 STAGE1_FILE = "mm_projector.bin"
@@ -106,15 +107,14 @@ def load_original(path: Path, options: LoadOptions = LoadOptions(), convert: Con
     raw = raw_config(path)
     stage1 = is_stage1(path)
     source = path / STAGE1_FILE if stage1 else path
-    state, unused = {}, []
+    state, unused, origin = {}, [], {}  # origin: vlmtune name -> the checkpoint's, for messages
     for key, tensor in read_state_dict(source).items():
         new = rename(key)
         (unused.append(key) if new is None and not IGNORED.search(key) else None)
         if new is not None and not IGNORED.search(key):
             state[new] = tensor.float() if tensor.is_floating_point() else tensor
-    if unused:
-        raise ConversionError(f"{source}: {len(unused)} tensor(s) of no MGM component: {unused[:5]}")
-    sources, notes = {}, []
+            origin[new] = key
+    sources, notes = {}, check_accounting(str(source), unused, [], convert)  # raises unless --allow-unused
 
     llm_dir = llm or (_folder(raw.get("_name_or_path")) if stage1 else path)
     if stage1:
@@ -178,8 +178,7 @@ def load_original(path: Path, options: LoadOptions = LoadOptions(), convert: Con
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("model.vision_tower_aux.layernorm.")  # MGM drops the head norm
                and not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ConversionError(f"{path}: the weights do not fill the MGM model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    notes += check_accounting(str(path), [origin.get(k, k) for k in unexpected], missing, convert)  # raises unless --allow-unused / --allow-missing
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model = model.to(getattr(torch, options.dtype)) if options.dtype else model
