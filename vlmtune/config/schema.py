@@ -132,6 +132,10 @@ class DataConfig(Section):
         False, description="Pack several samples into each row (padding-free): per-sample positions, attention that "
         "never crosses samples, images kept with their samples. Same loss as unpacked batches, fewer wasted tokens."
     )
+    image_cache_mb: int = Field(
+        1024, ge=0, description="Keep each sample's processed image inputs in memory, up to this many MiB (per "
+        "data-loader process), so later epochs decode and preprocess no image again; 0 turns it off."
+    )
     group_by_length: bool = Field(
         False, description="Batch samples of similar encoded length together (lengths known after encoding; "
         "no image is decoded to measure one), so less of each batch is padding."

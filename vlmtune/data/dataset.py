@@ -20,14 +20,21 @@ TEXT_KEYS = ("input_ids", "labels", "attention_mask")
 
 
 class ConversationDataset(Dataset):
-    """Training items: `input_ids`, `labels`, per-token extras and the processor's image inputs."""
+    """Training items: `input_ids`, `labels`, per-token extras and the processor's image inputs.
+
+    Image inputs are made once per sample and kept while they fit `cache_bytes` (first come, kept:
+    with more images than fit, the first ones stay cached and the rest are made each epoch, rather
+    than every one being evicted before its turn comes again)."""
 
     def __init__(self, items: list[EncodedSample] | list[Prompt], processor, family: Family,
-                 max_image_pixels: int | None = None):
+                 max_image_pixels: int | None = None, cache_bytes: int = 0):
         self.items = items
         self.processor = processor
         self.family = family
         self.max_image_pixels = max_image_pixels  # larger images are downscaled to this when they load
+        self.cache_bytes = cache_bytes
+        self.cache: dict[int, dict[str, torch.Tensor]] = {}
+        self.cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -39,9 +46,19 @@ class ConversationDataset(Dataset):
             out["labels"] = torch.tensor(item.labels)
         out.update({key: torch.tensor(values) for key, values in item.extra.items()})
         if item.images:
-            images = [load_image(path, item.sample.label(), self.max_image_pixels) for path in item.images]
-            out.update(mm.image_inputs(self.processor, images, item.blocks, item.sample.label()))
+            out.update(self.image_inputs(index, item))
         return out
+
+    def image_inputs(self, index: int, item) -> dict[str, torch.Tensor]:
+        if index in self.cache:
+            return self.cache[index]
+        images = [load_image(path, item.sample.label(), self.max_image_pixels) for path in item.images]
+        inputs = mm.image_inputs(self.processor, images, item.blocks, item.sample.label())
+        size = sum(v.numel() * v.element_size() for v in inputs.values() if torch.is_tensor(v))
+        if self.cached_bytes + size <= self.cache_bytes:
+            self.cache[index] = inputs
+            self.cached_bytes += size
+        return inputs
 
 
 @dataclass

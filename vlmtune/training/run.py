@@ -416,8 +416,10 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
         if not plan.uses_lora:  # adapters resume correctly through the Trainer; full weights need this
             restore_full_weights(model, checkpoint, loaded.family)
         console.print(f"resuming from {checkpoint}")
-    dataset = ConversationDataset(train_data.encoded, loaded.processor, loaded.family, max_pixels)
-    eval_dataset = ConversationDataset(eval_data.encoded, loaded.processor, loaded.family, max_pixels) if eval_data else None
+    cache = cfg.data.image_cache_mb * 2**20
+    dataset = ConversationDataset(train_data.encoded, loaded.processor, loaded.family, max_pixels, cache)
+    eval_dataset = ConversationDataset(eval_data.encoded, loaded.processor, loaded.family, max_pixels,
+                                       cache) if eval_data else None
     collator = collator_for(loaded.family, loaded.processor.tokenizer.pad_token_id)
     if cfg.data.packing:
         dataset, collator = PackedDataset(dataset, cfg.data.max_length), PackedRows(collator)
