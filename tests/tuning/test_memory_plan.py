@@ -13,9 +13,9 @@ from vlmtune.tuning.plan import TuningPlan
 TUNE = {"vision": "frozen", "projector": "full", "llm": "lora"}
 
 
-def config(model_dir, **train):
+def config(model_dir, tune=TUNE, **train):
     return load_config(tree={"model": {"path": str(model_dir)}, "data": {"train": "t.jsonl", "max_length": 64},
-                             "tune": TUNE, "train": {"batch_size": 2, "precision": "fp32", **train},
+                             "tune": tune, "train": {"batch_size": 2, "precision": "fp32", **train},
                              "output": {"dir": "o"}})
 
 
@@ -53,6 +53,12 @@ def test_checkpointing_keeps_fewer_activations(tiny_vlm):
     plain, checkpointed = estimate(config(tiny_vlm)), estimate(config(tiny_vlm, gradient_checkpointing=True))
     llm = lambda e: next(r for r in e.rows if r.component == "llm").activations  # noqa: E731
     assert llm(checkpointed) < llm(plain)
+    # per component: [llm] keeps the LLM's activations like true and the vision tower's like false
+    full = {"vision": "full", "projector": "full", "llm": "full"}
+    act = lambda e, c: next(r for r in e.rows if r.component == c).activations  # noqa: E731
+    plain, every, llm_only = (estimate(config(tiny_vlm, full, gradient_checkpointing=g)) for g in (False, True, ["llm"]))
+    assert act(llm_only, "llm") == act(every, "llm") < act(plain, "llm")
+    assert act(llm_only, "vision") == act(plain, "vision") > act(every, "vision")
 
 
 def test_cli_reads_only_the_config_and_gives_a_verdict_with_suggestions(tiny_vlm, tmp_path, capsys):

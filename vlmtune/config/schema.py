@@ -275,7 +275,10 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="`auto` = bf16 on a GPU that supports it, else fp32. fp16 needs a CUDA GPU."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool | list[str] = Field(
+        False, description="Recompute activations in the backward pass to save memory: true for every component, or "
+        "a list of components (e.g. [llm]) for only those."
+    )
     logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N steps.")
     save_steps: int = Field(500, ge=0, description="Write `checkpoint-<step>` every N steps (0: only the final model).")
     save_total_limit: int | None = Field(None, gt=0, description="Keep at most N checkpoints (oldest deleted first).")
@@ -285,6 +288,11 @@ class TrainConfig(Section):
         None, description="`auto`: continue from the newest complete checkpoint in `output.dir`; or a checkpoint folder."
     )
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    def recomputes(self, component: str) -> bool:
+        """Whether `gradient_checkpointing` covers this component."""
+        g = self.gradient_checkpointing
+        return g if isinstance(g, bool) else component in g
 
 
 class OutputConfig(Section):

@@ -54,6 +54,7 @@ from vlmtune.training.checkpointing import (
     run_differences,
 )
 from vlmtune.training.distributed import Processes, backend, barrier, check_strategy, deepspeed_config
+from vlmtune.training.recompute import recompute
 from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, StepLines, plot_loss, read_log, truncate_log
 from vlmtune.training.trainer import VlmTrainer
 from vlmtune.tuning.plan import TuningPlan
@@ -256,8 +257,8 @@ def training_arguments(cfg: RunConfig, staging: Path, precision: str, has_eval: 
         seed=t.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing is True,  # a list of components: see `recompute`
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing is True else None,
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
@@ -389,6 +390,9 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     base_path = ensure_base_on_disk(loaded, out, processes.main) if plan.uses_lora or delta else None
     barrier()
     model = plan.apply(loaded.model)
+    if isinstance(cfg.train.gradient_checkpointing, list):
+        for component, modules in recompute(model, loaded.family, cfg.train.gradient_checkpointing).items():
+            console.print(f"gradient checkpointing: {component} ({', '.join(modules)})")
     console.print(plan_table(plan.rows(model)))
     if plan.kept_frozen:
         console.print(f"[yellow]note:[/] {', '.join(plan.kept_frozen)} stay frozen: a PEFT adapter can only carry whole "

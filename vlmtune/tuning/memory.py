@@ -138,19 +138,19 @@ def estimate(cfg: RunConfig, nproc: int = 1, labelled: float = 0.5, model=None) 
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     by_name = {r.component: r for r in rows}
     if trains and "llm" in by_name:  # everything upstream trains through the LLM, so it keeps its activations
-        by_name["llm"].activations = layer_activations(text_config, batch * seq, element, cfg.train.gradient_checkpointing)
+        by_name["llm"].activations = layer_activations(text_config, batch * seq, element, cfg.train.recomputes("llm"))
     vision_config = getattr(config, "vision_config", None)
     size = getattr(vision_config, "image_size", 0) if vision_config is not None else 0
     vision_tokens = batch * (size // max(getattr(vision_config, "patch_size", 1), 1)) ** 2 if size else 0
     if "vision" in trains and "vision" in by_name:  # one image per sample
         by_name["vision"].activations = layer_activations(vision_config, vision_tokens, element,
-                                                          cfg.train.gradient_checkpointing)
+                                                          cfg.train.recomputes("vision"))
     tokens = {"llm": batch * seq, "vision": vision_tokens if "vision" in trains else 0}
     layers = {"llm": getattr(text_config, "num_hidden_layers", 1) or 1,
               "vision": getattr(vision_config, "num_hidden_layers", 1) or 1}
     for name, size in lora_dropout_inputs(model, plan, cfg).items():  # each LoRA layer keeps its dropped-out input
         if name in by_name:  # (+ the bool mask); with checkpointing, only the layer being recomputed does
-            kept = size / layers.get(name, 1) if cfg.train.gradient_checkpointing else size
+            kept = size / layers.get(name, 1) if cfg.train.recomputes(name) else size
             by_name[name].activations += tokens.get(name, 0) * kept * (element + 1)
     extra = {}
     vocab = getattr(text_config, "vocab_size", 0)
@@ -186,7 +186,7 @@ def lora_dropout_inputs(model, plan: TuningPlan, cfg: RunConfig) -> dict[str, in
 def suggestions(cfg: RunConfig, nproc: int, budget: float, labelled: float = 0.5) -> list[tuple[str, float]]:
     """Cheap changes, each alone, with their predicted peak; those that fit first, cheapest first."""
     changes: list[tuple[str, dict]] = []
-    if not cfg.train.gradient_checkpointing:
+    if cfg.train.gradient_checkpointing is not True:
         changes.append(("train.gradient_checkpointing=true", {"train.gradient_checkpointing": True}))
     if cfg.train.batch_size > 1:
         half = cfg.train.batch_size // 2
