@@ -70,7 +70,13 @@ def first_step_callback():
     return FirstStep()
 
 
-def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, packed: bool) -> dict:
+TUNES = {"full": {"vision": "full", "projector": "full", "llm": "full"},
+         # LoRA r 16 / alpha 32 / dropout 0.05 on every linear layer of the LLM, the projector fully trained
+         "lora": {"vision": "frozen", "projector": "full", "llm": "lora"}}
+LLM_LINEARS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, packed: bool, tune: str) -> dict:
     import torch
 
     from vlmtune.config import load_config
@@ -80,7 +86,7 @@ def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, pack
     torch.manual_seed(0)
     cfg = load_config(tree={"model": {"path": str(model)}, "data": {"train": str(data), "max_length": 1024,
                                                                     "packing": packed},
-                            "tune": {"vision": "full", "projector": "full", "llm": "full"},
+                            "tune": TUNES[tune],
                             "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-3, "logging_steps": 1,
                                       "save_steps": 0, "warmup_ratio": 0.0, "weight_decay": 0.0},
                             "output": {"dir": str(out), "overwrite": True}})
@@ -129,7 +135,7 @@ def trl_records(data: Path) -> list[dict]:
     return records
 
 
-def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int) -> dict:
+def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int, tune: str) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTConfig, SFTTrainer
@@ -156,7 +162,14 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int) -> d
                 seen["samples"] += inputs["input_ids"].shape[0]
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-    trainer = Counting(model=model, args=config, train_dataset=dataset, processing_class=processor, callbacks=[first])
+    peft_config = None
+    if tune == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LLM_LINEARS,
+                                 modules_to_save=["multi_modal_projector"])
+    trainer = Counting(model=model, args=config, train_dataset=dataset, processing_class=processor, callbacks=[first],
+                       peft_config=peft_config)
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
@@ -168,9 +181,9 @@ def child(args) -> dict:
     work = Path(args.work)
     model, data, out = work / "model", work / "data.jsonl", work / f"out-{args.child}"
     if args.child == "trl":
-        row = run_trl(model, data, out, args.steps, args.batch_size)
+        row = run_trl(model, data, out, args.steps, args.batch_size, args.tune)
     else:
-        row = run_vlmtune(model, data, out, args.steps, args.batch_size, packed=args.child == "vlmtune-packed")
+        row = run_vlmtune(model, data, out, args.steps, args.batch_size, args.child == "vlmtune-packed", args.tune)
     params = {}
     if args.child != "trl":  # useful FLOPs: 6 x parameters x tokens, the LLM's and the vision tower's
         from safetensors.torch import load_file
@@ -196,6 +209,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tune", choices=tuple(TUNES), default="full", help="full tuning, or LoRA on the LLM")
     parser.add_argument("--deps", help="folder with TRL and datasets (pip install --target), added for TRL's runs")
     parser.add_argument("--work", default="/tmp/vlmtune-bench-peers")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -216,21 +230,24 @@ def main() -> None:
             if tool == "trl" and args.deps:
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(args.deps).resolve()), env.get("PYTHONPATH")]))
             done = subprocess.run([sys.executable, __file__, "--child", tool, "--work", str(work), "--steps",
-                                   str(args.steps), "--batch-size", str(args.batch_size)],
+                                   str(args.steps), "--batch-size", str(args.batch_size), "--tune", args.tune],
                                   capture_output=True, text=True, cwd=ROOT, env=env)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{tool} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
             rows.append(json.loads(line[7:]))
     total = next(r["params"]["total"] for r in rows if r["params"])
-    print(f"model: {total / 1e6:.1f}M parameters; fp32 matmul peak on this machine: {peak:.1f} GFLOP/s")
+    print(f"model: {total / 1e6:.1f}M parameters, {args.tune} tuning; fp32 matmul peak on this machine: {peak:.1f} GFLOP/s")
     print(f"{'tool':<15} {'loop s':>7} {'samples/s':>10} {'sup tok/s':>10} {'peak MiB':>9} {'1st step s':>10} "
           f"{'final loss':>10} {'MFU':>6}")
     for row in rows:
         mfu = ""
         if row["params"]:
             p = row["params"]
-            flops = 6 * (p["llm"] * row["tokens"] + p["vision"] * p["image_tokens"] * row["images"])
+            # full: forward + both backward matmuls (6 per parameter and token); LoRA: the frozen LLM still
+            # passes gradients back (4), the frozen vision tower only runs forward (2)
+            llm, vision = (6, 6) if args.tune == "full" else (4, 2)
+            flops = llm * p["llm"] * row["tokens"] + vision * p["vision"] * p["image_tokens"] * row["images"]
             mfu = f"{flops / row['seconds'] / 1e9 / peak:6.1%}"
         print(f"{row['tool']:<15} {row['seconds']:7.1f} {row['samples'] / row['seconds']:10.2f} "
               f"{row['supervised'] / row['seconds']:10.1f} {row['peak_rss_mib']:9.0f} {row['first_step']:10.1f} "

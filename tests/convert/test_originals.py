@@ -161,10 +161,14 @@ def test_mini_gemini_goes_to_the_mgm_family_never_converted_with_modules_dropped
     info = json.loads(capsys.readouterr().out)  # the mgm family's layout comes before llava's refusal
     assert info["layout"].startswith("original Mini-Gemini folder") and info["family"] == "mgm"
     assert {"vision_aux", "mining"} <= set(info["components"])
-    out = tmp_path / "out"  # this fixture's ConvNeXt has no norms or biases: refused, naming them
-    assert main(["convert", str(folder), "--allow-unused", "--allow-missing", "--out", str(out)]) == 2
+    out = tmp_path / "out"  # this fixture's ConvNeXt has no norms or biases: refused, naming them and the flag
+    assert main(["convert", str(folder), "--allow-unused", "--out", str(out)]) == 2
     printed = capsys.readouterr().out
-    assert "do not fill the MGM model" in printed and "dwconv.bias" in printed and not out.exists()
+    assert "not filled" in printed and "dwconv.bias" in printed and "--allow-missing" in printed and not out.exists()
+    assert main(["convert", str(folder), "--allow-unused", "--allow-missing", "--out", str(out)]) == 0  # accepted, said
+    printed = capsys.readouterr().out
+    assert "not filled" in printed and "dwconv.bias" in printed and out.is_dir()
+    shutil.rmtree(out)
     # a LLaVA folder that carries the mining modules is refused the same way, whatever the flags
     plain = o.llava_stage2(tmp_path / "p", downloads["llm"], downloads["vision"], downloads["llm_state"], with_tower=False)
     add_tensor(plain, "model.vlm_uni_query_projector.1.weight", torch.zeros(2, 2))
