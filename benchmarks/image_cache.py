@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import alternate, job_arguments, job_config, link_inputs, report  # noqa: E402
 from packing import make_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = {"no cache": {"image_cache_mb": 0}, "cache": {"image_cache_mb": 1024},
          "no cache, 2 workers": {"image_cache_mb": 0, "num_workers": 2}}
 
@@ -49,47 +48,27 @@ def make_data(work: Path, samples: int) -> Path:
 def run_one(model: Path, data: Path, out: Path, mode: str, epochs: int, batch: int) -> dict:
     import torch
 
-    from vlmtune.config import load_config
     from vlmtune.training.run import train
 
     torch.manual_seed(0)
-    cfg = load_config(tree={"model": {"path": str(model)}, "data": {"train": str(data), "max_length": 256, **MODES[mode]},
-                            "tune": {"vision": "full", "projector": "full", "llm": "full"},
-                            "train": {"epochs": epochs, "batch_size": batch, "lr": 1e-3, "logging_steps": 5,
-                                      "save_steps": 0, "warmup_ratio": 0.0},
-                            "output": {"dir": str(out), "overwrite": True}})
+    cfg = job_config(model, data, out, {"max_length": 256, **MODES[mode]}, {"epochs": epochs, "batch_size": batch})
     result = train(cfg)
     return {"mode": mode, "seconds": result.train_seconds, "steps": result.steps, "final_loss": result.final_loss}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=200)
+    job_arguments(parser, samples=200, steps=0, work="/tmp/vlmtune-bench-image-cache")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--work", default="/tmp/vlmtune-bench-image-cache")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work)
     if args.child:
-        row = run_one(work / "model", work / "data.jsonl", work / "out", args.child, args.epochs, args.batch_size)
-        print("RESULT " + json.dumps(row))
+        report(run_one(work / "model", work / "data.jsonl", work / "out", args.child, args.epochs, args.batch_size))
         return
     work.mkdir(parents=True, exist_ok=True)
-    for link, target in (("data.jsonl", make_data(work, args.samples)), ("model", make_model(work, 256, 4))):
-        (work / link).unlink(missing_ok=True)
-        (work / link).symlink_to(target)
-    rows = []
-    for _ in range(args.repeats):
-        for mode in MODES:  # alternating, so a busy moment hurts every mode alike
-            done = subprocess.run([sys.executable, __file__, "--child", mode, "--work", str(work), "--epochs",
-                                   str(args.epochs), "--batch-size", str(args.batch_size)],
-                                  capture_output=True, text=True, cwd=ROOT)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{mode} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-            rows.append(json.loads(line[7:]))
+    link_inputs(work, **{"data.jsonl": make_data(work, args.samples), "model": make_model(work, args.hidden, args.layers)})
+    rows = alternate(__file__, MODES, args.repeats, ["--work", str(work), "--epochs", str(args.epochs),
+                                                     "--batch-size", str(args.batch_size)])
     print(f"{'mode':<20} {'s':>7} {'samples/s':>10} {'final loss':>10}")
     for row in rows:
         print(f"{row['mode']:<20} {row['seconds']:7.1f} {args.samples * args.epochs / row['seconds']:10.2f} "

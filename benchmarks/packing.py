@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import alternate, count_batch, job_arguments, job_config, link_inputs, report  # noqa: E402
+
 MODES = {"padded": {}, "grouped": {"group_by_length": True}, "packed": {"packing": True}}
 
 
@@ -59,32 +60,18 @@ def run_one(model: Path, data: Path, out: Path, mode: str, steps: int, batch: in
     """Runs in its own process (see main): train, then count what the batches held."""
     import torch
 
-    from vlmtune.config import load_config
     from vlmtune.training.run import train
 
     torch.manual_seed(0)
-    cfg = load_config(tree={"model": {"path": str(model)}, "data": {"train": str(data), "max_length": 1024, **MODES[mode]},
-                            "tune": {"vision": "full", "projector": "full", "llm": "full"},
-                            "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-3, "logging_steps": 1,
-                                      "save_steps": 0, "warmup_ratio": 0.0},
-                            "output": {"dir": str(out), "overwrite": True}})
-    seen = {"positions": 0, "real": 0, "supervised": 0, "samples": 0}
+    cfg = job_config(model, data, out, {"max_length": 1024, **MODES[mode]}, {"max_steps": steps, "batch_size": batch})
+    seen: dict = {}
     from vlmtune.training import trainer as trainer_module
 
     original = trainer_module.VlmTrainer.compute_loss
 
     def counting(self, model, inputs, *args, **kwargs):
         if model.training:
-            ids, pad = inputs["input_ids"], self.processing_class.tokenizer.pad_token_id
-            seen["positions"] += ids.numel()
-            seen["real"] += int((ids != pad).sum())
-            seen["supervised"] += int((inputs["labels"][:, 1:] != -100).sum())
-            if "pack_lengths" in inputs:  # a segment is a sample unless it is a row's padding tail
-                for r, sizes in enumerate(inputs["pack_lengths"].tolist()):
-                    starts = [sum(sizes[:k]) for k, n in enumerate(sizes) if n]
-                    seen["samples"] += sum(int(ids[r, start] != pad) for start in starts)
-            else:
-                seen["samples"] += ids.shape[0]
+            count_batch(seen, inputs, self.processing_class.tokenizer.pad_token_id)
         return original(self, model, inputs, *args, **kwargs)
 
     trainer_module.VlmTrainer.compute_loss = counting
@@ -94,34 +81,17 @@ def run_one(model: Path, data: Path, out: Path, mode: str, steps: int, batch: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=400)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--work", default="/tmp/vlmtune-bench-packing")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    job_arguments(parser, samples=400, steps=30, work="/tmp/vlmtune-bench-packing")
     args = parser.parse_args()
     work = Path(args.work)
     if args.child:
-        print("RESULT " + json.dumps(run_one(work / "model", work / "data.jsonl", work / f"out-{args.child}",
-                                             args.child, args.steps, args.batch_size)))
+        report(run_one(work / "model", work / "data.jsonl", work / f"out-{args.child}", args.child, args.steps,
+                       args.batch_size))
         return
     work.mkdir(parents=True, exist_ok=True)
-    for link, target in (("data.jsonl", make_data(work, args.samples)), ("model", make_model(work, args.hidden, args.layers))):
-        (work / link).unlink(missing_ok=True)
-        (work / link).symlink_to(target)
-    rows = []
-    for repeat in range(args.repeats):
-        for mode in MODES:  # alternating, so a busy moment hurts every mode alike
-            done = subprocess.run([sys.executable, __file__, "--child", mode, "--work", str(work), "--steps",
-                                   str(args.steps), "--batch-size", str(args.batch_size)],
-                                  capture_output=True, text=True, cwd=ROOT)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{mode} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-            rows.append(json.loads(line[7:]))
+    link_inputs(work, **{"data.jsonl": make_data(work, args.samples), "model": make_model(work, args.hidden, args.layers)})
+    rows = alternate(__file__, MODES, args.repeats, ["--work", str(work), "--steps", str(args.steps),
+                                                     "--batch-size", str(args.batch_size)])
     print(f"{'mode':<8} {'s':>7} {'samples/s':>10} {'sup tok/s':>10} {'padding':>8} {'final loss':>10}")
     for row in rows:
         print(f"{row['mode']:<8} {row['seconds']:7.1f} {row['samples'] / row['seconds']:10.2f} "

@@ -27,15 +27,14 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import FULL, alternate, count_batch, job_arguments, job_config, link_inputs, report  # noqa: E402
 from packing import make_data, make_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 STARTED = time.perf_counter()
 TOOLS = ("vlmtune", "vlmtune-packed", "trl")
 
@@ -70,7 +69,7 @@ def first_step_callback():
     return FirstStep()
 
 
-TUNES = {"full": {"vision": "full", "projector": "full", "llm": "full"},
+TUNES = {"full": FULL,
          # LoRA r 16 / alpha 32 / dropout 0.05 on every linear layer of the LLM, the projector fully trained
          "lora": {"vision": "frozen", "projector": "full", "llm": "lora"}}
 LLM_LINEARS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -79,18 +78,13 @@ LLM_LINEARS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_pro
 def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, packed: bool, tune: str) -> dict:
     import torch
 
-    from vlmtune.config import load_config
     from vlmtune.training import trainer as trainer_module
     from vlmtune.training.run import train
 
     torch.manual_seed(0)
-    cfg = load_config(tree={"model": {"path": str(model)}, "data": {"train": str(data), "max_length": 1024,
-                                                                    "packing": packed},
-                            "tune": TUNES[tune],
-                            "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-3, "logging_steps": 1,
-                                      "save_steps": 0, "warmup_ratio": 0.0, "weight_decay": 0.0},
-                            "output": {"dir": str(out), "overwrite": True}})
-    seen = {"supervised": 0, "tokens": 0, "samples": 0, "images": 0}
+    cfg = job_config(model, data, out, {"max_length": 1024, "packing": packed},
+                     {"max_steps": steps, "batch_size": batch, "weight_decay": 0.0}, TUNES[tune])
+    seen: dict = {}
     first = first_step_callback()
     original_init, original_loss = trainer_module.VlmTrainer.__init__, trainer_module.VlmTrainer.compute_loss
 
@@ -100,16 +94,7 @@ def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, pack
 
     def counting(self, model, inputs, *args, **kwargs):
         if model.training:
-            seen["supervised"] += int((inputs["labels"][:, 1:] != -100).sum())
-            seen["images"] += int(inputs["pixel_values"].shape[0]) if "pixel_values" in inputs else 0
-            ids, pad = inputs["input_ids"], self.processing_class.tokenizer.pad_token_id
-            seen["tokens"] += int((ids != pad).sum())
-            if "pack_lengths" in inputs:  # a segment is a sample unless it is a row's padding tail
-                for r, sizes in enumerate(inputs["pack_lengths"].tolist()):
-                    starts = [sum(sizes[:k]) for k, n in enumerate(sizes) if n]
-                    seen["samples"] += sum(int(ids[r, start] != pad) for start in starts)
-            else:
-                seen["samples"] += ids.shape[0]
+            count_batch(seen, inputs, self.processing_class.tokenizer.pad_token_id)
         return original_loss(self, model, inputs, *args, **kwargs)
 
     trainer_module.VlmTrainer.__init__, trainer_module.VlmTrainer.compute_loss = init, counting
@@ -151,15 +136,13 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int, tune
                        lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, logging_steps=1,
                        save_strategy="no", report_to="none", use_cpu=True, max_length=None, seed=0,
                        dataloader_num_workers=0, dataset_kwargs={"skip_prepare_dataset": True})
-    seen = {"supervised": 0, "tokens": 0, "samples": 0}
+    seen: dict = {}
     first = first_step_callback()
 
     class Counting(SFTTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
             if model.training:
-                seen["supervised"] += int((inputs["labels"][:, 1:] != -100).sum())
-                seen["tokens"] += int(inputs["attention_mask"].sum())
-                seen["samples"] += inputs["input_ids"].shape[0]
+                count_batch(seen, inputs, processor.tokenizer.pad_token_id)
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     peft_config = None
@@ -203,39 +186,22 @@ def _params(config, mlp_matrices: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=400)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
+    job_arguments(parser, samples=400, steps=30, work="/tmp/vlmtune-bench-peers")
     parser.add_argument("--tune", choices=tuple(TUNES), default="full", help="full tuning, or LoRA on the LLM")
     parser.add_argument("--deps", help="folder with TRL and datasets (pip install --target), added for TRL's runs")
-    parser.add_argument("--work", default="/tmp/vlmtune-bench-peers")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args)))
+        report(child(args))
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    for link, target in (("data.jsonl", make_data(work, args.samples)), ("model", make_model(work, args.hidden, args.layers))):
-        (work / link).unlink(missing_ok=True)
-        (work / link).symlink_to(target)
+    link_inputs(work, **{"data.jsonl": make_data(work, args.samples), "model": make_model(work, args.hidden, args.layers)})
     peak = matmul_peak_gflops()
-    rows = []
-    for _ in range(args.repeats):
-        for tool in TOOLS:  # alternating, so a busy moment hurts every tool alike
-            env = dict(os.environ)
-            if tool == "trl" and args.deps:
-                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(args.deps).resolve()), env.get("PYTHONPATH")]))
-            done = subprocess.run([sys.executable, __file__, "--child", tool, "--work", str(work), "--steps",
-                                   str(args.steps), "--batch-size", str(args.batch_size), "--tune", args.tune],
-                                  capture_output=True, text=True, cwd=ROOT, env=env)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{tool} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-            rows.append(json.loads(line[7:]))
+    deps = str(Path(args.deps).resolve()) if args.deps else None
+    env_for = lambda tool: ({"PYTHONPATH": os.pathsep.join(filter(None, [deps, os.environ.get("PYTHONPATH")]))}  # noqa: E731
+                            if tool == "trl" and deps else {})
+    rows = alternate(__file__, TOOLS, args.repeats, ["--work", str(work), "--steps", str(args.steps), "--batch-size",
+                                                     str(args.batch_size), "--tune", args.tune], env_for)
     total = next(r["params"]["total"] for r in rows if r["params"])
     print(f"model: {total / 1e6:.1f}M parameters, {args.tune} tuning; fp32 matmul peak on this machine: {peak:.1f} GFLOP/s")
     print(f"{'tool':<15} {'loop s':>7} {'samples/s':>10} {'sup tok/s':>10} {'peak MiB':>9} {'1st step s':>10} "
@@ -247,7 +213,7 @@ def main() -> None:
             # full: forward + both backward matmuls (6 per parameter and token); LoRA: the frozen LLM still
             # passes gradients back (4), the frozen vision tower only runs forward (2)
             llm, vision = (6, 6) if args.tune == "full" else (4, 2)
-            flops = llm * p["llm"] * row["tokens"] + vision * p["vision"] * p["image_tokens"] * row["images"]
+            flops = llm * p["llm"] * row["real"] + vision * p["vision"] * p["image_tokens"] * row["images"]
             mfu = f"{flops / row['seconds'] / 1e9 / peak:6.1%}"
         print(f"{row['tool']:<15} {row['seconds']:7.1f} {row['samples'] / row['seconds']:10.2f} "
               f"{row['supervised'] / row['seconds']:10.1f} {row['peak_rss_mib']:9.0f} {row['first_step']:10.1f} "
