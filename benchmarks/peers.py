@@ -75,7 +75,8 @@ TUNES = {"full": FULL,
 LLM_LINEARS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, packed: bool, tune: str) -> dict:
+def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, packed: bool, tune: str,
+                rows: int | None = None) -> dict:
     import torch
 
     from vlmtune.training import trainer as trainer_module
@@ -83,7 +84,8 @@ def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, pack
 
     torch.manual_seed(0)
     cfg = job_config(model, data, out, {"max_length": 1024, "packing": packed},
-                     {"max_steps": steps, "batch_size": batch, "weight_decay": 0.0}, TUNES[tune])
+                     {"max_steps": steps, "batch_size": rows if packed and rows else batch, "weight_decay": 0.0},
+                     TUNES[tune])
     seen: dict = {}
     first = first_step_callback()
     original_init, original_loss = trainer_module.VlmTrainer.__init__, trainer_module.VlmTrainer.compute_loss
@@ -166,7 +168,8 @@ def child(args) -> dict:
     if args.child == "trl":
         row = run_trl(model, data, out, args.steps, args.batch_size, args.tune)
     else:
-        row = run_vlmtune(model, data, out, args.steps, args.batch_size, args.child == "vlmtune-packed", args.tune)
+        row = run_vlmtune(model, data, out, args.steps, args.batch_size, args.child == "vlmtune-packed", args.tune,
+                          args.packed_rows)
     params = {}
     if args.child != "trl":  # useful FLOPs: 6 x parameters x tokens, the LLM's and the vision tower's
         from safetensors.torch import load_file
@@ -188,6 +191,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     job_arguments(parser, samples=400, steps=30, work="/tmp/vlmtune-bench-peers")
     parser.add_argument("--tune", choices=tuple(TUNES), default="full", help="full tuning, or LoRA on the LLM")
+    parser.add_argument("--packed-rows", type=int, help="rows of data.max_length tokens per packed step (default: "
+                        "--batch-size); fewer rows hold fewer tokens, for a packed run within the padded runs' memory")
     parser.add_argument("--deps", help="folder with TRL and datasets (pip install --target), added for TRL's runs")
     args = parser.parse_args()
     if args.child:
@@ -201,7 +206,8 @@ def main() -> None:
     env_for = lambda tool: ({"PYTHONPATH": os.pathsep.join(filter(None, [deps, os.environ.get("PYTHONPATH")]))}  # noqa: E731
                             if tool == "trl" and deps else {})
     rows = alternate(__file__, TOOLS, args.repeats, ["--work", str(work), "--steps", str(args.steps), "--batch-size",
-                                                     str(args.batch_size), "--tune", args.tune], env_for)
+                                                     str(args.batch_size), "--tune", args.tune]
+                     + (["--packed-rows", str(args.packed_rows)] if args.packed_rows else []), env_for)
     total = next(r["params"]["total"] for r in rows if r["params"])
     print(f"model: {total / 1e6:.1f}M parameters, {args.tune} tuning; fp32 matmul peak on this machine: {peak:.1f} GFLOP/s")
     print(f"{'tool':<15} {'loop s':>7} {'samples/s':>10} {'sup tok/s':>10} {'peak MiB':>9} {'1st step s':>10} "
