@@ -4,7 +4,8 @@ Each configuration runs in its own process: the model folder loads, the run's tu
 and three training steps run as the Trainer runs them (AdamW over the plan's groups, logits only at
 labelled positions, a fixed share of labelled tokens). The peak is the process's resident memory,
 sampled every millisecond by a thread, minus what it held before the model loaded (imports,
-allocator). Prints predicted vs measured GiB and their ratio.
+allocator), with glibc set to give freed memory back (`LIVE_MALLOC`; `--keep-malloc` measures with its
+defaults, where fragmentation stays resident). Prints predicted vs measured GiB and their ratio.
 
     .venv/bin/python benchmarks/memory_plan.py
 """
@@ -28,6 +29,10 @@ CONFIGS = {
     "projector only, seq 1024 x 2": ({"vision": "frozen", "projector": "full", "llm": "frozen"}, 1024, 2, False),
 }
 LABELLED = 0.5
+# glibc keeps freed memory resident (its arenas, and large blocks below its mmap threshold), so by default
+# the resident set says more about fragmentation than about what the run holds; with these, large blocks
+# are mapped and unmapped and freed memory is trimmed, so the resident set follows what is alive
+LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def make_model(work: Path) -> Path:
@@ -156,6 +161,8 @@ def compare_with_openbmb() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/vlmtune-bench-memory")
+    parser.add_argument("--keep-malloc", action="store_true", help="measure with glibc's default allocator settings "
+                        "(freed memory stays resident, so the peak includes what fragmentation keeps)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work)
@@ -167,7 +174,7 @@ def main() -> None:
     print(f"{'configuration':<32} {'predicted GiB':>13} {'measured GiB':>12} {'ratio':>6}")
     for name in CONFIGS:
         done = subprocess.run([sys.executable, __file__, "--child", name, "--work", str(work)], capture_output=True,
-                              text=True, cwd=ROOT)
+                              text=True, cwd=ROOT, env={**os.environ, **({} if args.keep_malloc else LIVE_MALLOC)})
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
