@@ -196,8 +196,8 @@ def load_or_build(cfg: RunConfig) -> LoadedModel:
         parts = {k: v for k, v in (("vision_aux", m.vision_aux), ("image_size_aux", m.image_size_aux),
                                    ("image_grid", m.image_grid), ("image_global", m.image_global)) if v}
         if parts and "vision_aux" not in inspect.signature(family.build).parameters:
-            raise ConfigError(f"`model.vision_aux` is for a dual-encoder family (`model.family: mgm`); the {family.name} "
-                              "family has one vision encoder")
+            raise ConfigError(f"{' / '.join(f'`model.{k}`' for k in parts)}: for a dual-encoder family (`model.family: "
+                              f"mgm`); the {family.name} family has one vision encoder, so remove them")
         model, processor = family.build(m.vision, m.llm, m.projector, options, **parts)
         sources = {c: "new" for c in family.components} | {"vision": m.vision, "llm": m.llm,
                                                             "projector": f"new ({m.projector})"}

@@ -110,9 +110,9 @@ def takes_logits_to_keep(model) -> bool:
 
 class VlmTrainer(Trainer):
     """The transformers Trainer with vlmtune's loss, batching and optimizer. `param_groups(model)` gives
-    the per-component groups (None: the Trainer's own); the optimizer is built from them when the Trainer asks (`create_optimizer`),
-    which under FSDP is the only way in: the Trainer refuses a ready optimizer there, and accelerate
-    moves the groups onto the sharded parameters when it wraps the model."""
+    the per-component groups (None: the Trainer's own); the optimizer is built from them when the
+    Trainer asks (`create_optimizer`), which under FSDP is the only way in: the Trainer refuses a ready
+    optimizer there, and accelerate moves the groups onto the sharded parameters when it wraps the model."""
 
     def __init__(self, *args, family: Family, param_groups: Callable[[nn.Module], list[dict]] | None = None,
                  lengths: list[int] | None = None, **kwargs):
