@@ -193,60 +193,65 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in {p.data_ptr(): p for p in model.state_dict().values()}.values())
 
 
-def write_model_files(model: nn.Module, processor, folder: Path, delta_keys: set[str] | None = None) -> str:
-    """Weights (or adapter, or delta), config, processor and generation config; returns the kind."""
+def write_model_files(model: nn.Module, processor, folder: Path, delta_keys: set[str] | None = None,
+                      state_dict: dict | None = None) -> str:
+    """Weights (or adapter, or delta), config, processor and generation config; returns the kind.
+    `state_dict`: the model's full tensors when its own are shards (FSDP), gathered by the caller."""
     if is_adapter(model):
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         base = model.get_base_model()
         base.generation_config.save_pretrained(folder)
         kind = "lora"
     elif delta_keys is not None:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in delta_keys}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items() if k in delta_keys}
         save_file(state, str(folder / DELTA_WEIGHTS), metadata={"format": "pt"})
         model.config.save_pretrained(folder)
         model.generation_config.save_pretrained(folder)
         kind = "delta"
     else:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         kind = "full"
     processor.save_pretrained(folder)
     return kind
 
 
 def save_model_folder(model: nn.Module, processor, out: str | Path, record: dict,
-                      delta_keys: set[str] | None = None, run_folder: bool = False) -> Path:
+                      delta_keys: set[str] | None = None, run_folder: bool = False,
+                      state_dict: dict | None = None) -> Path:
     """Save `model` with its processor and a manifest into `out`, crash-safely, and check it loads.
 
     `delta_keys`: write only these tensors (a delta on `base`). `run_folder`: `out` also holds a
-    training run's checkpoints and logs, so it is updated in place rather than replaced."""
+    training run's checkpoints and logs, so it is updated in place rather than replaced.
+    `state_dict`: the full tensors of a model whose own are shards (FSDP)."""
     out = Path(out)
     if out.is_symlink() and not run_folder:
         raise ManifestError(f"{out} is a symbolic link; write to the folder it points to, or remove the link")
     staging = staging_dir(out, run_folder)
     try:
-        kind = write_model_files(model, processor, staging, delta_keys)
+        kind = write_model_files(model, processor, staging, delta_keys, state_dict)
     except Exception as err:  # torch, safetensors and the OS each report a full disk their own way
         if not is_disk_full(err):
             raise
         shutil.rmtree(staging, ignore_errors=True)
         raise disk_full_error(out, model_bytes(model), err) from None
-    check_folder_loads(staging, model, delta_keys)
+    check_folder_loads(staging, model, delta_keys, state_dict)
     code = sorted(p.name for p in staging.glob("*.py"))  # model code the folder carries (`trust_remote_code`)
     write_manifest(staging, {"kind": kind, **record, **({"code": code} if code else {})})
     return publish(staging, out, run_folder)
 
 
-def check_folder_loads(folder: Path, model: nn.Module, delta_keys: set[str] | None = None) -> None:
+def check_folder_loads(folder: Path, model: nn.Module, delta_keys: set[str] | None = None,
+                       state_dict: dict | None = None) -> None:
     """Cheap load check: config and processor reload, and the weight files hold as many tensors and
     elements as the model (names are not compared: transformers may write a legacy key naming)."""
     if is_adapter(model):
         from peft import get_peft_model_state_dict
 
-        expected = get_peft_model_state_dict(model)
+        expected = get_peft_model_state_dict(model, state_dict=state_dict)
         files = [folder / "adapter_model.safetensors"]
     else:
         AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        expected = {k: v for k, v in model.state_dict().items() if delta_keys is None or k in delta_keys}
+        expected = {k: v for k, v in (state_dict or model.state_dict()).items() if delta_keys is None or k in delta_keys}
         index = folder / "model.safetensors.index.json"
         if delta_keys is not None:
             files = [folder / DELTA_WEIGHTS]

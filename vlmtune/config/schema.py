@@ -248,11 +248,12 @@ class DistributedConfig(Section):
 
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="`ddp`: every process holds the whole model; `fsdp`: FSDP2 shards parameters, gradients and "
-        "optimizer states; `deepspeed`: ZeRO stage `train.distributed.zero_stage` (needs a CUDA GPU)."
+        "optimizer states (the LLM layer by layer); `deepspeed`: ZeRO stage `train.distributed.zero_stage` (needs a CUDA GPU)."
     )
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 shards gradients and optimizer states, 3 also parameters.")
     offload_optimizer: bool = Field(False, description="DeepSpeed: keep optimizer states in CPU memory.")
-    offload_params: bool = Field(False, description="DeepSpeed ZeRO-3: keep parameters in CPU memory.")
+    offload_params: bool = Field(False, description="DeepSpeed ZeRO-3: keep parameters in CPU memory; fsdp: keep "
+                                 "parameters, gradients and optimizer states in CPU memory (GPUs only).")
     deepspeed_config: str | None = Field(
         None, description="A DeepSpeed JSON config to pass through instead of the one vlmtune writes from this section."
     )

@@ -1,5 +1,6 @@
-"""Several processes, through the engines that exist: torchrun / accelerate start them, torch's DDP
-(through the transformers Trainer) runs them, DeepSpeed ZeRO is configured for the Trainer.
+"""Several processes, through the engines that exist: torchrun / accelerate start them, torch's DDP or
+FSDP2 (through the transformers Trainer and accelerate) runs them, DeepSpeed ZeRO is configured for
+the Trainer.
 
 A run learns its place from the launcher's environment (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`). Every
 machine's first process checks and encodes the data, the others read its result
@@ -16,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from vlmtune.config import ConfigError
 from vlmtune.config.schema import RunConfig
+from vlmtune.models.family import Family
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,15 @@ def check_strategy(cfg: RunConfig, processes: Processes) -> None:
     if not processes.several:
         return
     if d.strategy == "fsdp":  # see docs/distributed.md, "FSDP"
-        raise ConfigError("`train.distributed.strategy=fsdp` is not supported yet; use ddp (every process holds the "
-                          "whole model) or deepspeed (ZeRO-3 shards the parameters, on GPUs)")
+        if cfg.tune.quantize:
+            raise ConfigError("`train.distributed.strategy=fsdp` with `tune.quantize` (QLoRA) is not supported yet: "
+                              "bitsandbytes' packed 4-bit weights do not shard; use strategy=ddp for QLoRA")
+        if d.offload_params and not torch.cuda.is_available():
+            raise ConfigError("`train.distributed.offload_params` with fsdp moves parameters from the GPU to CPU "
+                              "memory, and this machine has no GPU; set offload_params=false")
+        if d.offload_optimizer:
+            raise ConfigError("`train.distributed.offload_optimizer` is DeepSpeed's; FSDP2 offloads parameters, "
+                              "gradients and optimizer states together: use offload_params=true")
     if d.strategy == "deepspeed":
         if not torch.cuda.is_available():
             raise ConfigError("`train.distributed.strategy=deepspeed` needs CUDA GPUs and none was found; on this "
@@ -99,6 +109,51 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     return {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
             "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "zero_optimization": zero}
+
+
+def fsdp_config(cfg: RunConfig) -> dict:
+    """The Trainer's `fsdp_config` for `train.distributed` (FSDP2). Full state dicts on save, so a
+    checkpoint holds whole tensors that load on any number of processes; the layers to wrap are set
+    once the model is known (`fsdp_layer_classes`)."""
+    return {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT",
+            "reshard_after_forward": True, "cpu_offload": cfg.train.distributed.offload_params,
+            "cpu_ram_efficient_loading": False}
+
+
+def fsdp_layer_classes(model, family: Family) -> list[str]:
+    """FSDP2's units: the classes of the LLM's repeated layers (each a unit of its own; accelerate also
+    gives the input embeddings and the output head theirs). The vision tower and projector stay in the
+    root unit, gathered once per step: a process whose batch holds no image runs them on a blank image
+    (`keep_vision_busy`), and with layers of their own its gathers would come in another order than an
+    image batch's, which a collective cannot survive."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names: list[str] = []
+    for prefix in family.components.get("llm", ()):
+        try:
+            root = base.get_submodule(prefix)
+        except AttributeError:
+            continue
+        for module in root.modules():
+            kinds = {type(child).__name__ for child in module.children()} if isinstance(module, nn.ModuleList) else set()
+            if len(kinds) == 1 and len(module) > 1 and kinds.isdisjoint(names):
+                names += kinds
+    if not names:
+        raise ConfigError(f"`train.distributed.strategy=fsdp`: found no repeated layers in the {family.name} family's "
+                          f"llm ({', '.join(family.components.get('llm', ()))}) to shard; use strategy=ddp")
+    return names
+
+
+def fsdp_on_cpu(accelerator, plugin) -> None:
+    """accelerate (1.16) enables FSDP only on accelerators: on the CPU its state stays MULTI_CPU, drops
+    the plugin, and the Trainer would run plain DDP while `args.fsdp` reads True. FSDP2 itself runs on
+    the CPU over gloo, so this sets the state accelerate would set on a GPU machine (the one place
+    vlmtune reaches into accelerate; tests/training/test_fsdp.py checks the model really is sharded)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.fsdp_plugin = plugin
 
 
 def launch(config: str, overrides: list[str], nproc: int, extra: list[str]) -> int:

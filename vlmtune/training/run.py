@@ -27,6 +27,7 @@ from vlmtune.checkpoints.save import (
     remove_tree,
     save_model_folder,
 )
+from vlmtune.checkpoints.load import load_model
 from vlmtune.checkpoints.verify import verify
 from vlmtune.config import ConfigError, RunConfig
 from vlmtune.config.paths import check_paths
@@ -53,8 +54,17 @@ from vlmtune.training.checkpointing import (
     resume_point,
     run_differences,
 )
-from vlmtune.training.distributed import Processes, backend, barrier, check_strategy, deepspeed_config
+from vlmtune.training.distributed import (
+    Processes,
+    backend,
+    barrier,
+    check_strategy,
+    deepspeed_config,
+    fsdp_config,
+    fsdp_layer_classes,
+)
 from vlmtune.training.recompute import recompute
+from vlmtune.training.sharded import restore_adapter_weights
 from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, StepLines, plot_loss, read_log, truncate_log
 from vlmtune.training.trainer import VlmTrainer
 from vlmtune.tuning.plan import TuningPlan
@@ -243,6 +253,8 @@ def training_arguments(cfg: RunConfig, staging: Path, precision: str, has_eval: 
     return TrainingArguments(
         ddp_backend=backend(cfg) if several else None,
         deepspeed=deepspeed_config(cfg) if several and t.distributed.strategy == "deepspeed" else None,
+        fsdp=several and t.distributed.strategy == "fsdp",
+        fsdp_config=fsdp_config(cfg) if several and t.distributed.strategy == "fsdp" else None,
         output_dir=str(staging),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
@@ -390,6 +402,8 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     base_path = ensure_base_on_disk(loaded, out, processes.main) if plan.uses_lora or delta else None
     barrier()
     model = plan.apply(loaded.model)
+    if args.fsdp_plugin_args is not None:  # FSDP2's units, from the family's LLM
+        args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(fsdp_layer_classes(model, loaded.family))
     if isinstance(cfg.train.gradient_checkpointing, list):
         for component, modules in recompute(model, loaded.family, cfg.train.gradient_checkpointing).items():
             console.print(f"gradient checkpointing: {component} ({', '.join(modules)})")
@@ -419,6 +433,8 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
             truncate_log(out / LOG_FILE, after_step=read_manifest(checkpoint)["state"]["step"])
         if not plan.uses_lora:  # adapters resume correctly through the Trainer; full weights need this
             restore_full_weights(model, checkpoint, loaded.family)
+        elif args.fsdp:  # ... except under FSDP, where the Trainer reads only accelerate's own files
+            restore_adapter_weights(model, checkpoint)
         console.print(f"resuming from {checkpoint}")
     cache = cfg.data.image_cache_mb * 2**20
     dataset = ConversationDataset(train_data.encoded, loaded.processor, loaded.family, max_pixels, cache)
@@ -475,10 +491,16 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
         tuned = {c for c in plan.components if plan.mode(c) != "frozen"}
         delta_keys = {k for k in model.state_dict() if plan.component_of(k) in tuned}
         final["components"] = components_record(plan, model, {"*": [DELTA_WEIGHTS], "frozen": [f"base: {base_path}"]})
+    # under FSDP each process holds shards: every process takes part in gathering the full tensors
+    gathered = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if processes.main:
-        save_model_folder(model, loaded.processor, out, final, delta_keys=delta_keys, run_folder=True)
+        save_model_folder(model, loaded.processor, out, final, delta_keys=delta_keys, run_folder=True,
+                          state_dict=gathered)
         if plan.uses_lora and cfg.output.merge:
-            save_model_folder(model.merge_and_unload(), loaded.processor, out / MERGED_DIR,
+            # sharded LoRA layers cannot merge in place: merge the adapter just saved, as `vlmtune merge` does
+            merged = model.merge_and_unload() if gathered is None else load_model(out, options=replace(
+                load_options(cfg), quantize=None), check=False).model
+            save_model_folder(merged, loaded.processor, out / MERGED_DIR,
                               {**final, "components": components_record(plan, model, {"*": ["model.safetensors"]}),
                                "merged_from": str(out)})
         clean_staging(out)

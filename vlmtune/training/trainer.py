@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import Trainer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from vlmtune.console import console
 from vlmtune.data.encode import IGNORE
 from vlmtune.data.packing import PACK_KEYS
 from vlmtune.models.family import Family
 from vlmtune.models.positions import packed_position_ids
+from vlmtune.training.distributed import fsdp_on_cpu
+from vlmtune.training.sharded import full_optimizer_state, load_full_optimizer_state
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -70,7 +75,10 @@ def keep_vision_busy(model, blank: dict[str, torch.Tensor]):
     def zero(device) -> torch.Tensor:
         features = base.get_image_features(**{k: v.to(device) for k, v in blank.items()})
         state["done"] = True
-        return sum(t.float().sum() for t in _tensors(features)) * 0.0
+        # transformers' towers return their whole output with the features as `pooler_output`: only the
+        # features join an image batch's graph, and a sharding engine reduces exactly the gradients made
+        used = getattr(features, "pooler_output", None)
+        return sum(t.float().sum() for t in _tensors(features if used is None else used)) * 0.0
 
     def start(module, args, kwargs):
         state.clear()
@@ -103,6 +111,16 @@ def _tensors(value):
             yield from _tensors(item)
 
 
+def fsdp_units(model) -> str:
+    """What FSDP2 sharded, as `2 x LlamaDecoderLayer, Embedding, ...` (from the wrapped model itself)."""
+    from collections import Counter
+
+    from torch.distributed.fsdp import FSDPModule
+
+    counts = Counter(type(m).__name__.removeprefix("FSDP") for m in model.modules() if isinstance(m, FSDPModule))
+    return f"{sum(counts.values())} units (" + ", ".join(f"{n} x {name}" for name, n in counts.items()) + ")"
+
+
 def takes_logits_to_keep(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
@@ -126,6 +144,34 @@ class VlmTrainer(Trainer):
         if self.args.world_size > 1 and hasattr(base, "get_image_features") and self.processing_class is not None:
             self.busy = blank_image_inputs(self.processing_class)
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp and not self.is_fsdp_enabled:  # the CPU: accelerate dropped FSDP (see `fsdp_on_cpu`)
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            fsdp_on_cpu(self.accelerator, FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args))
+            self.is_fsdp_enabled = True
+
+    # under FSDP, checkpoints keep the format of every other run (`vlmtune.training.sharded`)
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        state = full_optimizer_state(self.model, self.optimizer)  # every process takes part
+        if self.args.should_save:
+            torch.save(state, Path(output_dir) / OPTIMIZER_NAME)
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self.is_fsdp_enabled or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load = lambda name: torch.load(Path(checkpoint) / name, map_location="cpu", weights_only=True)  # noqa: E731
+        load_full_optimizer_state(self.model, self.optimizer, load(OPTIMIZER_NAME))
+        self.lr_scheduler.load_state_dict(load(SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self.is_fsdp_enabled:  # under FSDP the run restored the weights before the model was wrapped
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def create_optimizer(self, model=None):
         if self.param_groups is None:
             return super().create_optimizer(model)
@@ -142,6 +188,8 @@ class VlmTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if isinstance(self.busy, dict):  # after FSDP has wrapped the model: its hooks must run before these
             self.busy = keep_vision_busy(self.model, self.busy)
+            if self.is_fsdp_enabled:
+                console.print(f"fsdp: {fsdp_units(self.model)} over {self.args.world_size} processes")
         inputs = dict(inputs)
         if "pack_lengths" in inputs:
             inputs["position_ids"] = packed_position_ids(self.accelerator.unwrap_model(model), self.family, inputs)
