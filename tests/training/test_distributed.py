@@ -1,11 +1,12 @@
-"""Two processes (torchrun, DDP over gloo on the CPU) train like one with the same global batch, write one
-complete verified folder, mix text-only and image batches with a trainable vision tower, and resume
-across process counts."""
+"""Two processes (torchrun, DDP or FSDP2 over gloo on the CPU) train like one with the same global batch,
+write one complete verified folder, mix text-only and image batches with a trainable vision tower, and
+resume across process counts (and, for FSDP, across strategies)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import make_image, write_jsonl
+from families import tiny
 from safetensors.torch import load_file
 
 from vlmtune.checkpoints.verify import verify
@@ -124,13 +126,99 @@ def cfg_with(**distributed):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-def test_deepspeed_is_refused_without_a_gpu_and_fsdp_is_refused_for_now():
+def test_deepspeed_is_refused_without_a_gpu_and_fsdp_what_it_cannot_shard():
     two = Processes(rank=0, local_rank=0, world_size=2)
     with pytest.raises(ConfigError, match="strategy=deepspeed` needs CUDA GPUs and none was found"):
         check_strategy(cfg_with(strategy="deepspeed"), two)
-    with pytest.raises(ConfigError, match="strategy=fsdp` is not supported yet"):
-        check_strategy(cfg_with(strategy="fsdp"), two)
+    check_strategy(cfg_with(strategy="fsdp"), two)
+    with pytest.raises(ConfigError, match="fsdp` with `tune.quantize` .* use strategy=ddp for QLoRA"):
+        check_strategy(load_config(tree={"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output": {"dir": "o"},
+                                         "tune": {"llm": "lora", "quantize": "4bit"},
+                                         "train": {"distributed": {"strategy": "fsdp"}}}), two)
+    with pytest.raises(ConfigError, match="offload_params` with fsdp .* this machine has no GPU"):
+        check_strategy(cfg_with(strategy="fsdp", offload_params=True), two)
+    with pytest.raises(ConfigError, match="offload_optimizer` is DeepSpeed's; .* use offload_params=true"):
+        check_strategy(cfg_with(strategy="fsdp", offload_optimizer=True), two)
     check_strategy(cfg_with(strategy="deepspeed"), Processes())  # one process ignores the section
+
+
+FSDP = {"distributed": {"strategy": "fsdp"}}
+
+
+def final_weights(out, mode):
+    return load_file(out / ("adapter_model.safetensors" if mode == "lora" else "model.safetensors"))
+
+
+def assert_same_weights(got, expected):
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def resume_copy(tmp_path, done, name, mode):
+    """`done` as a kill after checkpoint-4 would have left it: no checkpoint-6, no final folder."""
+    resumed = tmp_path / name
+    shutil.copytree(done, resumed, ignore=shutil.ignore_patterns("checkpoint-6", "merged"))
+    for file in ("vlmtune.json", "adapter_model.safetensors" if mode == "lora" else "model.safetensors"):
+        (resumed / file).unlink()
+    return resumed
+
+
+@pytest.mark.parametrize("mode", TUNES)
+def test_fsdp_shards_the_llm_trains_like_one_process_and_resumes_without_it(tiny_vlm, tmp_path, mode):
+    """FSDP2 over two gloo processes, half the micro-batches text-only with a trainable tower: the LLM's
+    layers are sharded units, the losses and final weights are one process's, the folder is complete
+    (a LoRA run's merged model too), and its checkpoint resumes on one process without FSDP."""
+    data = mixed_color_data(tmp_path / "data")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(write_config(tmp_path, tiny_vlm, data, one, 4, TUNES[mode]), 1)
+    merge = {"output": {"merge": True}} if mode == "lora" else {}
+    config = write_config(tmp_path, tiny_vlm, data, two, 2, TUNES[mode], **FSDP)
+    if merge:
+        config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "output": {"dir": str(two), "merge": True}}))
+    printed = run(config, 2)
+
+    # the root, the embeddings, each decoder layer and the head (+ final norm) are units; the tower is in the root
+    assert re.search(r"fsdp: 5 units \(1 x \w+, 1 x Embedding, 2 x LlamaDecoderLayer, 1 x Linear\) over 2 processes", printed)
+    assert printed.count("saved and verified") == 1
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    assert verify(two).ok
+    assert_same_weights(final_weights(two, mode), final_weights(one, mode))
+    checkpoint = {p.name for p in (two / "checkpoint-4").iterdir()}
+    assert {"optimizer.pt", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"} <= checkpoint
+    assert not {"optimizer.bin", "pytorch_model_fsdp.bin"} & checkpoint  # the format of every other run
+    if mode == "lora":
+        assert verify(two / "merged").ok
+
+    resumed = resume_copy(tmp_path, two, "resumed", mode)
+    run(write_config(tmp_path, tiny_vlm, data, resumed, 4, TUNES[mode]), 1, "--resume", "--force-resume")
+    assert_same_weights(final_weights(resumed, mode), final_weights(one, mode))
+
+
+def test_fsdp_checkpoints_resume_under_fsdp_and_one_process_checkpoints_too(tiny_vlm, tmp_path):
+    data = mixed_color_data(tmp_path / "data")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(write_config(tmp_path, tiny_vlm, data, one, 4, TUNES["full"]), 1)
+    run(write_config(tmp_path, tiny_vlm, data, two, 2, TUNES["full"], **FSDP), 2)
+    expected = final_weights(one, "full")
+    for source in (two, one):
+        resumed = resume_copy(tmp_path, source, f"{source.name}_on_fsdp", "full")
+        run(write_config(tmp_path, tiny_vlm, data, resumed, 2, TUNES["full"], **FSDP), 2, "--resume", "--force-resume")
+        assert_same_weights(final_weights(resumed, "full"), expected)
+
+
+def test_fsdp_trains_qwen2_vl_with_text_only_batches(tmp_path):
+    """A second family: Qwen2-VL's tower (its own patch embedding and merger) in the root unit, its
+    Qwen2 decoder layers sharded; losses as one process."""
+    model = tiny.build("qwen2_vl", tmp_path / "qwen", "bytelevel")
+    data = mixed_color_data(tmp_path / "data")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(write_config(tmp_path, model, data, one, 4, TUNES["full"]), 1)
+    printed = run(write_config(tmp_path, model, data, two, 2, TUNES["full"], **FSDP), 2)
+    assert "x Qwen2VLDecoderLayer" in printed
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    assert verify(two).ok
+    assert_same_weights(final_weights(two, "full"), final_weights(one, "full"))
 
 
 def test_deepspeed_config_follows_the_section_and_leaves_sizes_to_the_trainer(tmp_path):
