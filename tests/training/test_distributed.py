@@ -120,6 +120,29 @@ def test_nproc_runs_the_same_command_under_torchrun(tiny_vlm, tmp_path):
     assert "saved and verified" in printed and verify(out).ok
 
 
+def test_two_nodes_train_like_one_process(tiny_vlm, tmp_path):
+    """The documented multi-node launch (torchrun on each node, node ranks 0 and 1, one process each) on
+    one machine: both nodes' first processes prepare the data, the global first process writes."""
+    import socket
+
+    data = mixed_color_data(tmp_path / "data")
+    one, nodes = tmp_path / "one", tmp_path / "nodes"
+    run(write_config(tmp_path, tiny_vlm, data, one, 4, TUNES["full"]), 1)
+    config = write_config(tmp_path, tiny_vlm, data, nodes, 2, TUNES["full"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+              "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    node = [subprocess.Popen(launch + ["--node_rank", str(rank), "-m", "vlmtune.cli", "train", str(config)], env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    printed = [p.communicate(timeout=420) for p in node]
+    assert all(p.returncode == 0 for p in node), printed[0][1][-3000:] + printed[1][1][-3000:]
+    assert "saved and verified" in printed[0][0] and "saved and verified" not in printed[1][0]
+    assert losses(nodes) == pytest.approx(losses(one), rel=1e-4)
+    assert_same_weights(final_weights(nodes, "full"), final_weights(one, "full"))
+
+
 def cfg_with(**distributed):
     return load_config(tree={"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output": {"dir": "o"},
                              "train": {"distributed": distributed}})
