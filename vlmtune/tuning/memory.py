@@ -167,6 +167,8 @@ def estimate(cfg: RunConfig, nproc: int = 1, labelled: float = 0.5, model=None) 
     if zero3:
         largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
         extra["ZeRO-3 / FSDP gathered layer"] = 2 * largest * base
+    if zero3 and d.strategy == "fsdp":  # vlmtune's root unit (all but the LLM) stays whole through a step
+        extra["FSDP root unit (all but the LLM)"] = sum(r.params for r in rows if r.component != "llm") * base * (1 - 1 / nproc)
     return Estimate(rows, extra, offloaded)
 
 
