@@ -6,24 +6,18 @@ Self-contained (imports only transformers and torch): saved folders carry this f
 transformers and PEFT load them with `trust_remote_code=True`, vlmtune not installed.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_mgm import MGMConfig
 
 
-@dataclass
-class MGMCausalLMOutput(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
+# transformers 5.24 renamed the outputs' `past_key_values` field to `cache` (and refuses the old name in
+# a new output class): this file runs under every transformers 5, so it uses the name the installed one has
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class MGMNormLinear(nn.Module):
@@ -205,8 +199,8 @@ class MGMForConditionalGeneration(MGMPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
-        return MGMCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                 hidden_states=out.hidden_states, attentions=out.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+                                      **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
 
 
 __all__ = ["MGMForConditionalGeneration", "MGMModel", "MGMPreTrainedModel"]
