@@ -77,10 +77,15 @@ def alternate(script: str, modes, repeats: int, args: list[str],
     for _ in range(repeats):
         for mode in modes:
             env = {**os.environ, **(env_for(mode) if env_for else {})}
-            done = subprocess.run([sys.executable, script, "--child", mode, *args], capture_output=True, text=True,
-                                  cwd=ROOT, env=env)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{mode} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-            rows.append(json.loads(line[len("RESULT "):]))
+            rows.append(run_child([sys.executable, script, "--child", mode, *args], mode, env))
     return rows
+
+
+def run_child(command: list[str], name: str, env: dict | None = None) -> dict:
+    """Runs `command` in its own process and returns the row of its RESULT line; exits with its output
+    when it gives none."""
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return json.loads(line[len("RESULT "):])

@@ -1,9 +1,10 @@
-"""vlmtune beside TRL's SFTTrainer on the same job, runs alternating, each in its own process: the same
-LLaVA model (from packing.py's builder), the same mixed-length data (0-2 images, one to four turns,
-short and long answers), batch, steps, learning rate, AdamW, fp32 on the CPU. Prints per run: training
+"""vlmtune beside TRL's SFTTrainer and LLaMA-Factory on the same job, runs alternating, each in its own
+process: the same LLaVA model (from packing.py's builder), the same mixed-length data (0-2 images, one to
+four turns, short and long answers), batch, steps, learning rate, AdamW, on the CPU. Prints per run: training
 seconds (the Trainer's loop), samples/s, supervised tokens/s (as each tool labels them), peak resident
-memory, seconds from process start to the first optimizer step, final loss; vlmtune's ratio to TRL;
-and vlmtune's useful FLOPs against this machine's fp32 matmul peak, measured in the same run.
+memory, seconds from process start to the first optimizer step, final loss, real tokens per sample (each
+tool's own chat format); vlmtune's samples/s ratio to each peer and to the best one; and vlmtune's useful
+FLOPs against this machine's fp32 matmul peak, measured in the same run.
 
 TRL is a benchmark-only dependency, installed beside the environment without touching it:
 
@@ -17,8 +18,23 @@ an `IterableDataset`, which is not fingerprinted; the samples are the same.) TRL
 dataset, its vision collator) computes the loss on
 every token, prompt and image placeholders included (`assistant_only_loss` needs a chat template with
 generation marks); vlmtune's on the answers only. So the losses differ by design, and the fair speed
-figure is samples/s. LLaMA-Factory and ms-swift need their own environments (their own torch) and are
-not run here yet.
+figure is samples/s. Two of SFTConfig's defaults are set back to the other tools' here: `bf16`
+(true when `fp16` is unset, on the CPU too: autocast to bf16, emulated without AVX-512 BF16 — 10 steps
+took 67.7 s instead of 3.5 s on the 2-core AVX2 machine, 2026-12-02) and `gradient_checkpointing` (true;
+4.0 s instead of 3.5 s). Before that date the TRL figures were measured with both on.
+
+LLaMA-Factory needs its own environment (it pins its own transformers, 5.6 with llamafactory 0.9.5),
+outside the repository; `--llamafactory` names its python and adds its runs (llamafactory_run.py, run by
+that python, calls its `run_exp` with the job peers.py writes into the work folder):
+
+    python3 -m venv /work/lf-venv
+    /work/lf-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
+    /work/lf-venv/bin/pip install llamafactory==0.9.5
+    .venv/bin/python benchmarks/peers.py --deps .bench-deps --llamafactory /work/lf-venv/bin/python --repeats 2
+
+LLaMA-Factory trains on the answers only (its default, as vlmtune), so its loss and supervised tokens
+compare with vlmtune's; its `llava` template writes USER:/ASSISTANT: as text, so its samples are longer
+(tok/sample). ms-swift is not run yet.
 """
 
 from __future__ import annotations
@@ -32,11 +48,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import FULL, alternate, count_batch, job_arguments, job_config, link_inputs, report  # noqa: E402
+from harness import (FULL, alternate, count_batch, job_arguments, job_config, link_inputs, report,  # noqa: E402
+                     run_child)
 from packing import make_data, make_model  # noqa: E402
 
 STARTED = time.perf_counter()
 TOOLS = ("vlmtune", "vlmtune-packed", "trl")
+PEERS = ("trl", "llamafactory")
 
 
 def peak_rss_mib() -> float:
@@ -137,7 +155,8 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int, tune
     config = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-3,
                        lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, logging_steps=1,
                        save_strategy="no", report_to="none", use_cpu=True, max_length=None, seed=0,
-                       dataloader_num_workers=0, dataset_kwargs={"skip_prepare_dataset": True})
+                       dataloader_num_workers=0, bf16=False, gradient_checkpointing=False,  # see above
+                       dataset_kwargs={"skip_prepare_dataset": True})
     seen: dict = {}
     first = first_step_callback()
 
@@ -162,16 +181,50 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int, tune
     return {"seconds": seconds, "final_loss": losses[-1], "first_step": first.at, **seen}
 
 
+def run_llamafactory(python: str, model: Path, data: Path, out: Path, steps: int, batch: int, tune: str) -> dict:
+    """LLaMA-Factory in its own environment's python, its own process (llamafactory_run.py): the same
+    data as a ShareGPT dataset (its `<image>` placeholders are LLaMA-Factory's too), its `llava` template,
+    answers-only loss (its default, as vlmtune's). Its defaults that differ from the other runs are set
+    back: the vision tower and projector frozen in full tuning, gradient checkpointing on, and the
+    template's system prompt (vlmtune's template has none; with this tokenizer it is 124 prompt tokens
+    a sample). Its USER:/ASSISTANT: tags still make its samples longer: see the tok/sample column."""
+    work = data.parent
+    (work / "dataset_info.json").write_text(json.dumps({"peers": {
+        "file_name": data.name, "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
+    job = {"model_name_or_path": str(model), "stage": "sft", "do_train": True, "finetuning_type": tune,
+           "template": "llava", "default_system": "", "dataset": "peers", "dataset_dir": str(work), "cutoff_len": 1024,
+           "preprocessing_num_workers": 1, "overwrite_cache": True, "output_dir": str(out),
+           "overwrite_output_dir": True, "per_device_train_batch_size": batch, "max_steps": steps,
+           "learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
+           "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": 0,
+           "dataloader_num_workers": 0, "disable_gradient_checkpointing": True,
+           "freeze_vision_tower": tune == "lora", "freeze_multi_modal_projector": False}
+    if tune == "lora":  # TUNES["lora"]: every linear layer of the LLM, the projector fully trained
+        job |= {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target": "all",
+                "additional_target": "multi_modal_projector"}
+    (work / "llamafactory.json").write_text(json.dumps(job, indent=1))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")}
+    launched = time.perf_counter() - STARTED  # its first step counts from this process's start, like the others'
+    row = run_child([python, str(Path(__file__).with_name("llamafactory_run.py")), str(work / "llamafactory.json")],
+                    "llamafactory", env)
+    return {**row, "first_step": launched + row["first_step"]}
+
+
 def child(args) -> dict:
     work = Path(args.work)
     model, data, out = work / "model", work / "data.jsonl", work / f"out-{args.child}"
     if args.child == "trl":
         row = run_trl(model, data, out, args.steps, args.batch_size, args.tune)
+    elif args.child == "llamafactory":
+        row = run_llamafactory(args.llamafactory, model, data, out, args.steps, args.batch_size, args.tune)
+        return {"tool": args.child, **row, "params": {}}  # its peak RSS: its own process's
     else:
         row = run_vlmtune(model, data, out, args.steps, args.batch_size, args.child == "vlmtune-packed", args.tune,
                           args.packed_rows)
     params = {}
-    if args.child != "trl":  # useful FLOPs: 6 x parameters x tokens, the LLM's and the vision tower's
+    if args.child in TOOLS[:2]:  # useful FLOPs: 6 x parameters x tokens, the LLM's and the vision tower's
         from safetensors.torch import load_file
         from transformers import AutoConfig
 
@@ -194,7 +247,11 @@ def main() -> None:
     parser.add_argument("--packed-rows", type=int, help="rows of data.max_length tokens per packed step (default: "
                         "--batch-size); fewer rows hold fewer tokens, for a packed run within the padded runs' memory")
     parser.add_argument("--deps", help="folder with TRL and datasets (pip install --target), added for TRL's runs")
+    parser.add_argument("--llamafactory", metavar="PYTHON", help="python of an environment with LLaMA-Factory "
+                        "(see above); its runs join the alternation")
     args = parser.parse_args()
+    if args.llamafactory:
+        args.llamafactory = os.path.abspath(args.llamafactory)  # not resolved: a venv's python is a link
     if args.child:
         report(child(args))
         return
@@ -205,13 +262,15 @@ def main() -> None:
     deps = str(Path(args.deps).resolve()) if args.deps else None
     env_for = lambda tool: ({"PYTHONPATH": os.pathsep.join(filter(None, [deps, os.environ.get("PYTHONPATH")]))}  # noqa: E731
                             if tool == "trl" and deps else {})
-    rows = alternate(__file__, TOOLS, args.repeats, ["--work", str(work), "--steps", str(args.steps), "--batch-size",
+    tools = TOOLS + (("llamafactory",) if args.llamafactory else ())
+    rows = alternate(__file__, tools, args.repeats, ["--work", str(work), "--steps", str(args.steps), "--batch-size",
                                                      str(args.batch_size), "--tune", args.tune]
-                     + (["--packed-rows", str(args.packed_rows)] if args.packed_rows else []), env_for)
+                     + (["--packed-rows", str(args.packed_rows)] if args.packed_rows else [])
+                     + (["--llamafactory", args.llamafactory] if args.llamafactory else []), env_for)
     total = next(r["params"]["total"] for r in rows if r["params"])
     print(f"model: {total / 1e6:.1f}M parameters, {args.tune} tuning; fp32 matmul peak on this machine: {peak:.1f} GFLOP/s")
-    print(f"{'tool':<15} {'loop s':>7} {'samples/s':>10} {'sup tok/s':>10} {'peak MiB':>9} {'1st step s':>10} "
-          f"{'final loss':>10} {'MFU':>6}")
+    print(f"{'tool':<15} {'loop s':>7} {'samples/s':>10} {'sup tok/s':>10} {'tok/sample':>10} {'peak MiB':>9} "
+          f"{'1st step s':>10} {'final loss':>10} {'MFU':>6}")
     for row in rows:
         mfu = ""
         if row["params"]:
@@ -222,11 +281,15 @@ def main() -> None:
             flops = llm * p["llm"] * row["real"] + vision * p["vision"] * p["image_tokens"] * row["images"]
             mfu = f"{flops / row['seconds'] / 1e9 / peak:6.1%}"
         print(f"{row['tool']:<15} {row['seconds']:7.1f} {row['samples'] / row['seconds']:10.2f} "
-              f"{row['supervised'] / row['seconds']:10.1f} {row['peak_rss_mib']:9.0f} {row['first_step']:10.1f} "
+              f"{row['supervised'] / row['seconds']:10.1f} {row['real'] / row['samples']:10.1f} "
+              f"{row['peak_rss_mib']:9.0f} {row['first_step']:10.1f} "
               f"{row['final_loss']:10.4f} {mfu:>6}")
-    mean = {t: sum(r["samples"] / r["seconds"] for r in rows if r["tool"] == t) / args.repeats for t in TOOLS}
-    for tool in ("vlmtune", "vlmtune-packed"):
-        print(f"{tool} samples/s vs TRL: {mean[tool] / mean['trl']:.2f}x")
+    mean = {t: sum(r["samples"] / r["seconds"] for r in rows if r["tool"] == t) / args.repeats for t in tools}
+    peers = [t for t in PEERS if t in tools]
+    best = max(peers, key=mean.get)
+    for tool in TOOLS[:2]:
+        print(f"{tool} samples/s vs " + ", ".join(f"{t}: {mean[tool] / mean[t]:.2f}x" for t in peers)
+              + f"; vs the best peer ({best}): {mean[tool] / mean[best]:.2f}x")
 
 
 if __name__ == "__main__":
