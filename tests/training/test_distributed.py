@@ -286,3 +286,16 @@ def test_data_prepared_once_per_machine_round_trips_exactly(tiny_vlm, tmp_path):
     with pytest.raises(RuntimeError, match="cannot be read .* Set TMPDIR to a machine-local one"):
         read_reports(path)
     path.unlink()
+
+
+def test_an_optimizer_state_for_other_parameters_is_refused_naming_the_file(tmp_path):
+    """Resuming under FSDP from a checkpoint whose optimizer trained other parameters (e.g. the tuning
+    changed under --force-resume): one sentence naming the file, before anything is sharded."""
+    from vlmtune.training.sharded import load_full_optimizer_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    saved = torch.optim.AdamW(model[0].parameters()).state_dict()  # 2 parameters
+    optimizer = torch.optim.AdamW(model.parameters())  # 4
+    with pytest.raises(ConfigError, match=r"checkpoint-4/optimizer.pt holds the state of 2 parameters and this run "
+                                          r"trains 4; resume with the tuning"):
+        load_full_optimizer_state(model, optimizer, saved, tmp_path / "checkpoint-4")

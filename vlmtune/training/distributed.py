@@ -147,7 +147,8 @@ def fsdp_on_cpu(accelerator, plugin) -> None:
     """accelerate (1.16) enables FSDP only on accelerators: on the CPU its state stays MULTI_CPU, drops
     the plugin, and the Trainer would run plain DDP while `args.fsdp` reads True. FSDP2 itself runs on
     the CPU over gloo, so this sets the state accelerate would set on a GPU machine (the one place
-    vlmtune reaches into accelerate; tests/training/test_fsdp.py checks the model really is sharded)."""
+    vlmtune reaches into accelerate; tests/training/test_distributed.py checks the model really is
+    sharded, from the units the run prints)."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 

@@ -250,11 +250,12 @@ def training_arguments(cfg: RunConfig, staging: Path, precision: str, has_eval: 
     t = cfg.train
     eval_steps = t.eval_steps or (t.save_steps or None)
     several = Processes.from_env().several
+    strategy = t.distributed.strategy if several else None
     return TrainingArguments(
         ddp_backend=backend(cfg) if several else None,
-        deepspeed=deepspeed_config(cfg) if several and t.distributed.strategy == "deepspeed" else None,
-        fsdp=several and t.distributed.strategy == "fsdp",
-        fsdp_config=fsdp_config(cfg) if several and t.distributed.strategy == "fsdp" else None,
+        deepspeed=deepspeed_config(cfg) if strategy == "deepspeed" else None,
+        fsdp=strategy == "fsdp",
+        fsdp_config=fsdp_config(cfg) if strategy == "fsdp" else None,
         output_dir=str(staging),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,

@@ -13,6 +13,8 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
+from vlmtune.config import ConfigError
+
 
 def full_optimizer_state(model, optimizer) -> dict:
     """The optimizer's whole state in torch's layout, on the main process (empty on the others); every
@@ -26,14 +28,14 @@ def full_optimizer_state(model, optimizer) -> dict:
     return {"state": {index[name]: value for name, value in named["state"].items()}, "param_groups": groups}
 
 
-def load_full_optimizer_state(model, optimizer, state: dict) -> None:
+def load_full_optimizer_state(model, optimizer, state: dict, checkpoint: Path) -> None:
     """Shard a whole optimizer state in torch's layout (from any run) onto this process's parameters."""
     names = {id(p): name for name, p in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     saved = [i for group in state["param_groups"] for i in group["params"]]
     if len(saved) != len(order):
-        raise RuntimeError(f"the checkpoint's optimizer holds {len(saved)} parameters and this run trains "
-                           f"{len(order)}; resume with the tuning that wrote it")
+        raise ConfigError(f"--resume: {checkpoint / 'optimizer.pt'} holds the state of {len(saved)} parameters and "
+                          f"this run trains {len(order)}; resume with the tuning (tune.*) that wrote it")
     name_of = dict(zip(saved, order))
     named = {"state": {name_of[i]: value for i, value in state["state"].items()},
              "param_groups": [{**group, "params": [name_of[i] for i in group["params"]]}
@@ -48,5 +50,6 @@ def restore_adapter_weights(model, checkpoint: Path) -> None:
     the Trainer's own loading under FSDP expects accelerate's files."""
     result = set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
     if result.unexpected_keys:
-        raise RuntimeError(f"cannot resume from {checkpoint}: its adapter holds {len(result.unexpected_keys)} "
-                           f"tensor(s) this run has no place for (e.g. {result.unexpected_keys[:3]})")
+        raise ConfigError(f"--resume: {checkpoint / 'adapter_model.safetensors'} holds {len(result.unexpected_keys)} "
+                          f"tensor(s) this run has no place for (e.g. {result.unexpected_keys[:3]}); resume with the "
+                          "tuning (tune.*) that wrote it")

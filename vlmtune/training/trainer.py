@@ -140,6 +140,7 @@ class VlmTrainer(Trainer):
         self.lengths = lengths  # per training item (sample or packed row), for `data.group_by_length`
         self.slice_logits = takes_logits_to_keep(self.model)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.first_step = True
         self.busy = None  # keep_vision_busy's hooks: with several processes, added at the first step
         if self.args.world_size > 1 and hasattr(base, "get_image_features") and self.processing_class is not None:
             self.busy = blank_image_inputs(self.processing_class)
@@ -165,7 +166,7 @@ class VlmTrainer(Trainer):
         if not self.is_fsdp_enabled or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
         load = lambda name: torch.load(Path(checkpoint) / name, map_location="cpu", weights_only=True)  # noqa: E731
-        load_full_optimizer_state(self.model, self.optimizer, load(OPTIMIZER_NAME))
+        load_full_optimizer_state(self.model, self.optimizer, load(OPTIMIZER_NAME), Path(checkpoint))
         self.lr_scheduler.load_state_dict(load(SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -186,10 +187,12 @@ class VlmTrainer(Trainer):
                                     lengths=self.lengths)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if isinstance(self.busy, dict):  # after FSDP has wrapped the model: its hooks must run before these
-            self.busy = keep_vision_busy(self.model, self.busy)
+        if self.first_step:  # the model is wrapped now
+            self.first_step = False
             if self.is_fsdp_enabled:
                 console.print(f"fsdp: {fsdp_units(self.model)} over {self.args.world_size} processes")
+            if self.busy is not None:  # after FSDP's hooks, which must run before these
+                self.busy = keep_vision_busy(self.model, self.busy)
         inputs = dict(inputs)
         if "pack_lengths" in inputs:
             inputs["position_ids"] = packed_position_ids(self.accelerator.unwrap_model(model), self.family, inputs)
