@@ -277,6 +277,9 @@ def test_data_prepared_once_per_machine_round_trips_exactly(tiny_vlm, tmp_path):
     assert report.encoded and report.problems and report.encoded[0].images
     path = shared_file(tmp_path / "out")
     assert path == shared_file(tmp_path / "out") and path != shared_file(tmp_path / "other")
+    with pytest.MonkeyPatch.context() as env:  # two nodes on one machine (or one temporary folder) never share it
+        env.setenv("GROUP_RANK", "1")
+        assert shared_file(tmp_path / "out") != path
     write_reports(path, {"train": report})
     try:
         assert read_reports(path) == {"train": report}
@@ -286,6 +289,18 @@ def test_data_prepared_once_per_machine_round_trips_exactly(tiny_vlm, tmp_path):
     with pytest.raises(RuntimeError, match="cannot be read .* Set TMPDIR to a machine-local one"):
         read_reports(path)
     path.unlink()
+
+
+def test_only_a_machine_with_several_processes_shares_its_prepared_data(monkeypatch):
+    """torchrun on two nodes with one process each: each node's only process prepares its own data and
+    writes no file for others (two such nodes on one machine once raced for the same file)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert Processes.from_env().several and not Processes.from_env().share_on_machine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert Processes.from_env().share_on_machine
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # another launcher: every process counted on one machine
+    assert Processes.from_env().share_on_machine
 
 
 def test_an_optimizer_state_for_other_parameters_is_refused_naming_the_file(tmp_path):

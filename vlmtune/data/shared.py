@@ -18,13 +18,16 @@ from vlmtune.data.records import Message, Problem, Sample
 
 
 def shared_file(out: Path) -> Path:
-    """One name per run and machine: the output folder and the launcher's run id."""
-    key = f"{Path(out).resolve()}|{os.environ.get('TORCHELASTIC_RUN_ID', '')}|{os.environ.get('MASTER_PORT', '')}"
+    """One name per run and node: the output folder, the launcher's run id and port, and the node's rank
+    (`GROUP_RANK`, so that two nodes started on one machine, or sharing a temporary folder, never write
+    the same file)."""
+    env = os.environ.get
+    key = f"{Path(out).resolve()}|{env('TORCHELASTIC_RUN_ID', '')}|{env('MASTER_PORT', '')}|{env('GROUP_RANK', '')}"
     return Path(tempfile.gettempdir()) / f"vlmtune-data-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def write_reports(path: Path, reports: dict[str, DataReport]) -> None:
-    staged = path.with_suffix(".partial")
+    staged = path.with_suffix(f".{os.getpid()}.partial")
     staged.write_text(json.dumps({role: asdict(report) for role, report in reports.items()}, default=str))
     staged.replace(path)  # a reader never sees half a file
 

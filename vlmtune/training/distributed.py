@@ -29,11 +29,13 @@ class Processes:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1  # processes on this machine (torchrun's --nproc_per_node)
 
     @classmethod
     def from_env(cls) -> Processes:
         get = lambda name, default: int(os.environ.get(name, default))  # noqa: E731
-        return cls(get("RANK", 0), get("LOCAL_RANK", 0), get("WORLD_SIZE", 1))
+        world = get("WORLD_SIZE", 1)
+        return cls(get("RANK", 0), get("LOCAL_RANK", 0), world, get("LOCAL_WORLD_SIZE", world))
 
     @property
     def main(self) -> bool:
@@ -42,6 +44,12 @@ class Processes:
     @property
     def several(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def share_on_machine(self) -> bool:
+        """Whether this machine's first process hands its prepared data to others on the machine: not
+        with one process per node (each node's only process prepares its own)."""
+        return self.local_world_size > 1
 
 
 def barrier() -> None:

@@ -341,7 +341,7 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     # the checks that need no model come first: broken data fails fast, before any weights load. With
     # several processes the first on each machine checks and encodes; the others read its result
     prepares = processes.local_rank == 0
-    shared = shared_file(out) if processes.several else None
+    shared = shared_file(out) if processes.share_on_machine else None
     reports = {role: check_data(files, cfg.data.images_root, cfg.data.max_image_pixels, cfg.data.downscale_large_images)
                for role, files in (("train", cfg.data.train), ("eval", cfg.data.eval)) if files and prepares}
     for role, report in reports.items():
