@@ -3,6 +3,8 @@ labelled positions give the loss of full logits; length grouping batches similar
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from conftest import make_image, write_jsonl
@@ -13,7 +15,9 @@ from vlmtune.data.check import check_data, encode_checked
 from vlmtune.data.dataset import ConversationDataset, collator_for
 from vlmtune.data.encode import SampleEncoder
 from vlmtune.data.packing import PackedDataset, PackedRows, pack_groups
-from vlmtune.models.positions import packed_position_ids
+from vlmtune.models.positions import packed_inputs
+from vlmtune.models import segments
+from vlmtune.models.segments import IMPLEMENTATION, switch_to_segments, uses_segments
 from vlmtune.training.run import train
 from vlmtune.training.trainer import label_positions, supervised_loss
 
@@ -53,11 +57,10 @@ def summed_loss_one_by_one(model, dataset, collator):
 
 
 def packed_loss(model, family, batch):
-    batch = dict(batch)
-    batch["position_ids"] = packed_position_ids(model, family, batch)
-    batch.pop("pack_lengths"), batch.pop("pack_images")
+    """As the trainer computes it (`packed_inputs`)."""
+    batch = packed_inputs(model, family, batch)
     labels = batch.pop("labels")
-    outputs = model(**batch, logits_to_keep=label_positions(labels), use_cache=False)
+    outputs = model(**batch, logits_to_keep=label_positions(labels))
     return supervised_loss(outputs, labels, num_items_in_batch=1)  # a sum
 
 
@@ -66,8 +69,29 @@ def packed_loss(model, family, batch):
     ("llava_next", "bytelevel_bos"), ("qwen2_5_vl", "bytelevel"), ("qwen3_vl", "bytelevel"), ("idefics3", "bytelevel_bos"),
     ("smolvlm", "bytelevel"), ("minicpmv4_6", "bytelevel"), ("mgm", "bytelevel")])
 def test_packed_rows_give_the_loss_and_gradients_of_single_samples(family_model, family_name, kind, tmp_path):
+    """With the attention training switches to (per sample where the model runs SDPA)."""
     loaded = load_model(family_model(family_name, kind))
     model = loaded.model.eval()  # no dropout: the two computations must see the same function
+    per_sample = switch_to_segments(model)
+    ran = compare_packed_with_single_samples(loaded, model, tmp_path)
+    # every transformers family attends per sample in its language model; MGM's own forward takes
+    # no extra keywords, so it keeps the row mask (the same numbers)
+    assert per_sample == (family_name != "mgm") and (ran > 0) == per_sample
+
+
+@pytest.mark.parametrize("family_name", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("attention", ["sdpa", IMPLEMENTATION])
+def test_packed_rows_agree_under_the_row_mask_and_per_sample_attention(family_model, family_name, attention, tmp_path):
+    """transformers' block-diagonal mask over the whole row (SDPA) and attention per sample
+    (`vlmtune.models.segments`) give the same loss and gradients as the samples one by one."""
+    loaded = load_model(family_model(family_name, "sentencepiece"))
+    model = loaded.model.eval()
+    assert switch_to_segments(model) and uses_segments(model)  # every part of these runs SDPA
+    model.set_attn_implementation(attention)
+    compare_packed_with_single_samples(loaded, model, tmp_path)
+
+
+def compare_packed_with_single_samples(loaded, model, tmp_path):
     dataset = encoded(loaded, mixed_data(tmp_path))
     collator = collator_for(loaded.family, loaded.processor.tokenizer.pad_token_id)
     packed = PackedDataset(dataset, max_length=max(len(item.input_ids) for item in dataset.items) * 3)
@@ -79,12 +103,16 @@ def test_packed_rows_give_the_loss_and_gradients_of_single_samples(family_model,
     reference.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    loss = packed_loss(model, loaded.family, batch)
+    calls = []
+    grouped = segments._groups
+    with patch.object(segments, "_groups", lambda cu: calls.append(cu) or grouped(cu)):
+        loss = packed_loss(model, loaded.family, batch)
     loss.backward()
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     assert expected
     for name, grad in expected.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-5, msg=name)
+    return len(calls)  # language-model layers that attended per sample
 
 
 def test_logits_only_at_labels_give_the_full_logits_loss(family_model, tmp_path):
@@ -196,3 +224,34 @@ def test_a_text_only_batch_still_gives_every_tower_parameter_a_gradient(family_m
     assert used <= set(busy) and not any(busy[n].any() for n in used)
     for name, grad in plain.items():
         torch.testing.assert_close(busy[name], grad)
+
+
+def test_per_sample_attention_gives_the_row_masks_logits_and_gradients_for_long_uneven_samples():
+    """Samples longer and shorter than a group (32 tokens), grouped-query heads, rows with a padding
+    tail: the same logits and gradients as SDPA with transformers' block-diagonal mask."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    rows = [[3, 70, 33, 1, 93], [200]]  # the second row: one sample, no room left
+    lengths = torch.tensor([row + [0] * (5 - len(row)) for row in rows])
+    ids = torch.randint(0, 50, (2, 200))
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in rows])
+
+    def run(**extra):
+        model.zero_grad()
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False, **extra).logits
+        logits.square().mean().backward()
+        return logits, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    masked, masked_grads = run()
+    assert switch_to_segments(model)
+    per_sample, grads = run(**segments.segment_kwargs(lengths))
+    torch.testing.assert_close(per_sample, masked, rtol=1e-5, atol=1e-5)
+    for name, grad in masked_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    cu = segments.segment_kwargs(lengths)["cu_seq_lens_q"]
+    assert cu.tolist() == [0, 3, 73, 106, 107, 200, 400]
+    assert sorted(index.shape[1] for index, _ in segments._groups(cu)) == [32, 64, 96, 224]

@@ -16,7 +16,6 @@ from torch.utils.data import Dataset
 
 from vlmtune.data.encode import IGNORE
 
-PACK_KEYS = ("pack_lengths", "pack_images")  # [rows, segments] each; the padding tail is its own segment
 
 
 def pack_groups(lengths: list[int], max_length: int) -> list[list[int]]:

@@ -7,6 +7,20 @@ from __future__ import annotations
 import torch
 
 from vlmtune.models.family import Family
+from vlmtune.models.segments import segment_kwargs, uses_segments
+
+PACK_KEYS = ("pack_lengths", "pack_images")  # [rows, segments] each; the padding tail is its own segment
+
+
+def packed_inputs(model, family: Family, batch: dict) -> dict:
+    """A packed batch as the model takes it: per-sample positions instead of the packing keys, and
+    where each sample starts for attention that works per sample (`vlmtune.models.segments`)."""
+    inputs = {k: v for k, v in batch.items() if k not in PACK_KEYS}
+    inputs["position_ids"] = packed_position_ids(model, family, batch)
+    if uses_segments(model):
+        inputs.update(segment_kwargs(batch["pack_lengths"], batch["input_ids"].device))
+    inputs["use_cache"] = False  # transformers reads packed positions only when there is no cache
+    return inputs
 
 
 def packed_position_ids(model, family: Family, batch: dict) -> torch.Tensor:

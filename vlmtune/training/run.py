@@ -39,6 +39,7 @@ from vlmtune.data.check import SKIPPED_FILE, DataReport, check_data, encode_chec
 from vlmtune.data.dataset import ConversationDataset, collator_for
 from vlmtune.data.encode import SampleEncoder
 from vlmtune.data.packing import PackedDataset, PackedRows, pack_groups
+from vlmtune.models.segments import switch_to_segments
 from vlmtune.data.records import DataError, Problem
 from vlmtune.data.shared import read_reports, shared_file, write_reports
 from vlmtune.models.family import LoadOptions
@@ -444,8 +445,10 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     collator = collator_for(loaded.family, loaded.processor.tokenizer.pad_token_id)
     if cfg.data.packing:
         dataset, collator = PackedDataset(dataset, cfg.data.max_length), PackedRows(collator)
+        per_sample = switch_to_segments(model)
         console.print(f"data.packing: {len(train_data.encoded)} samples in {len(dataset)} row(s) of up to "
-                      f"{cfg.data.max_length} tokens ({sum(dataset.row_lengths()) / len(dataset):.0f} on average)")
+                      f"{cfg.data.max_length} tokens ({sum(dataset.row_lengths()) / len(dataset):.0f} on average)"
+                      + ("; attention per sample (sdpa_packed)" if per_sample else ""))
     lengths = (dataset.row_lengths() if cfg.data.packing else [len(item.input_ids) for item in dataset.items]
                ) if cfg.data.group_by_length else None
     trainer = VlmTrainer(

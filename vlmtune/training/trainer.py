@@ -3,7 +3,8 @@
 - logits only where a label is (a boolean `logits_to_keep`, which transformers' models slice before
   the LM head): the [batch, seq, vocab] logits of unlabelled prompt and image tokens are never made;
 - packed rows (`data.packing`): per-sample positions from `pack_lengths` (and the family's own
-  multi-row positions), no attention mask, so attention stays inside each sample;
+  multi-row positions), no attention mask, so attention stays inside each sample (computed per
+  sample, not over the whole row, where the model runs SDPA: `vlmtune.models.segments`);
 - length-grouped batches from lengths known after encoding (the stock sampler would load every
   sample, images included, to measure it);
 - with several processes, text-only batches still run the vision path (on a blank image, times zero).
@@ -24,9 +25,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from vlmtune.console import console
 from vlmtune.data.encode import IGNORE
-from vlmtune.data.packing import PACK_KEYS
 from vlmtune.models.family import Family
-from vlmtune.models.positions import packed_position_ids
+from vlmtune.models.positions import packed_inputs
 from vlmtune.training.distributed import fsdp_on_cpu
 from vlmtune.training.sharded import full_optimizer_state, load_full_optimizer_state
 
@@ -195,10 +195,7 @@ class VlmTrainer(Trainer):
                 self.busy = keep_vision_busy(self.model, self.busy)
         inputs = dict(inputs)
         if "pack_lengths" in inputs:
-            inputs["position_ids"] = packed_position_ids(self.accelerator.unwrap_model(model), self.family, inputs)
-            for key in PACK_KEYS:
-                inputs.pop(key)
-            inputs["use_cache"] = False  # transformers reads packed positions only when there is no cache
+            inputs = packed_inputs(self.accelerator.unwrap_model(model), self.family, inputs)
         if self.slice_logits and "labels" in inputs:
             inputs["logits_to_keep"] = label_positions(inputs["labels"])
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
