@@ -19,9 +19,12 @@ dataset, its vision collator) computes the loss on
 every token, prompt and image placeholders included (`assistant_only_loss` needs a chat template with
 generation marks); vlmtune's on the answers only. So the losses differ by design, and the fair speed
 figure is samples/s. Two of SFTConfig's defaults are set back to the other tools' here: `bf16`
-(true when `fp16` is unset, on the CPU too: autocast to bf16, emulated without AVX-512 BF16 — 10 steps
-took 67.7 s instead of 3.5 s on the 2-core AVX2 machine, 2026-12-02) and `gradient_checkpointing` (true;
-4.0 s instead of 3.5 s). Before that date the TRL figures were measured with both on.
+(true when `fp16` is unset, on the CPU too: autocast to bf16) and `gradient_checkpointing` (true), so
+that every tool trains in fp32 without recomputation. What bf16 costs depends on the CPU: emulated
+without AVX-512 BF16, 10 steps took 67.7 s instead of 3.5 s (a 2-core AVX2 machine, 2026-12-02); with
+it, 2.79 s instead of 2.59 s (this machine, 2026-12-03). Checkpointing: 4.0 s instead of 3.5 s
+(2026-12-02). TRL figures before
+2026-12-02 were measured with both on.
 
 LLaMA-Factory needs its own environment (it pins its own transformers, 5.6 with llamafactory 0.9.5),
 outside the repository; `--llamafactory` names its python and adds its runs (llamafactory_run.py, run by
