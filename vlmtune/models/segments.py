@@ -41,18 +41,27 @@ def segment_kwargs(pack_lengths: torch.Tensor, device: torch.device | None = Non
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-def _groups(cu: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+_planned: list = []  # the last batch's [cu tensor, plan]: every layer of one forward reuses it
+
+
+def _groups(cu: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, int]:
     """Per group of samples of similar length: [samples, length] token indices into the flat
-    batch (the last token repeated as padding) and which of them are real."""
+    batch (the last token repeated as padding) and which of them are real; where the real ones go
+    back; and the tokens covered. Worked out once per batch, not once per layer (on a GPU each
+    would wait for the device)."""
+    if _planned and _planned[0] is cu:
+        return _planned[1]
     starts, lengths = cu[:-1].long(), (cu[1:] - cu[:-1]).long()
     rounded = (lengths + GROUP - 1) // GROUP * GROUP
-    out = []
+    groups = []
     for size in torch.unique(rounded).tolist():
         chosen = (rounded == size).nonzero().squeeze(1)
         steps = torch.arange(size, device=cu.device)
         n = lengths[chosen, None]
-        out.append((starts[chosen, None] + torch.minimum(steps, n - 1), steps < n))
-    return out
+        groups.append((starts[chosen, None] + torch.minimum(steps, n - 1), steps < n))
+    places = torch.cat([index[real] for index, real in groups])
+    _planned[:] = [cu, (groups, places, int(cu[-1]))]
+    return _planned[1]
 
 
 def sdpa_packed_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -60,25 +69,26 @@ def sdpa_packed_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                         **kwargs) -> tuple[torch.Tensor, None]:
     cu = kwargs.get("cu_seq_lens_q")
     batch, heads, seq, dim = query.shape
-    if (cu is None or not getattr(module, "is_causal", False) or key.shape[2] != seq or int(cu[-1]) != batch * seq
-            or kwargs.get("sliding_window") or kwargs.get("softcap") is not None):
+    if (cu is None or not getattr(module, "is_causal", False) or key.shape[2] != seq or cu.shape[0] < 2
+            or kwargs.get("sliding_window") or kwargs.get("softcap") is not None or _groups(cu)[2] != batch * seq):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if key.shape[1] != heads:
         key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
+    groups, places, _ = _groups(cu)
     # one gather for query, key and value: [tokens, 3, heads, dim]
     flat = torch.stack([x.transpose(1, 2).reshape(batch * seq, heads, dim) for x in (query, key, value)], dim=1)
-    pieces, places = [], []
-    for index, real in _groups(cu):
+    pieces = []
+    for index, real in groups:
         gathered = flat.index_select(0, index.flatten()).view(*index.shape, 3, heads, dim)
         q, k, v = gathered.permute(2, 0, 3, 1, 4).unbind(0)  # [samples, heads, length, dim] each
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
                                                                is_causal=True)
         pieces.append(out.transpose(1, 2)[real])  # [real tokens, heads, dim]
-        places.append(index[real])
     # every token is one sample's, so the real tokens of all groups fill the batch exactly once
-    merged = query.new_zeros(batch * seq, heads, dim).index_copy(0, torch.cat(places), torch.cat(pieces))
+    merged = query.new_zeros(batch * seq, heads, dim).index_copy(0, places, torch.cat(pieces))
     return merged.view(batch, seq, heads, dim), None
+
 
 AttentionInterface.register(IMPLEMENTATION, sdpa_packed_forward)
 AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
