@@ -37,7 +37,21 @@ that python, calls its `run_exp` with the job peers.py writes into the work fold
 
 LLaMA-Factory trains on the answers only (its default, as vlmtune), so its loss and supervised tokens
 compare with vlmtune's; its `llava` template writes USER:/ASSISTANT: as text, so its samples are longer
-(tok/sample). ms-swift is not run yet.
+(tok/sample).
+
+ms-swift too (4.6 pins transformers 5.19 and modelscope); `--swift` names its python and adds its runs
+(swift_run.py, run by that python, calls its `sft_main` with the job peers.py writes into the work folder).
+Keep torch in the second install, or pip replaces it:
+
+    python3 -m venv /work/swift-venv
+    /work/swift-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
+    /work/swift-venv/bin/pip install ms-swift==4.6.0 torch==2.14.1 torchvision==0.29.1
+    .venv/bin/python benchmarks/peers.py --deps .bench-deps --swift /work/swift-venv/bin/python --repeats 2
+
+ms-swift trains on every assistant turn (its default `loss_scale`), as vlmtune; its `llava1_5_hf`
+template writes USER:/ASSISTANT: as text and a newline after each `<image>`, so its samples are longer
+too. Its packing and padding_free need a flash-attention implementation, so they do not run here (CPU):
+its row is its padded batch, as TRL's and LLaMA-Factory's.
 """
 
 from __future__ import annotations
@@ -57,7 +71,7 @@ from packing import make_data, make_model  # noqa: E402
 
 STARTED = time.perf_counter()
 TOOLS = ("vlmtune", "vlmtune-packed", "trl")
-PEERS = ("trl", "llamafactory")
+PEERS = ("trl", "llamafactory", "swift")
 
 
 def peak_rss_mib() -> float:
@@ -215,6 +229,41 @@ def run_llamafactory(python: str, model: Path, data: Path, out: Path, steps: int
     return {**row, "first_step": launched + row["first_step"]}
 
 
+def run_swift(python: str, model: Path, data: Path, out: Path, steps: int, batch: int, tune: str) -> dict:
+    """ms-swift in its own environment's python, its own process (swift_run.py): the same samples as its
+    `messages` + `images` records (its `<image>` tags are ms-swift's too; the paths made absolute), the
+    model as its `llava1_5_hf` type and template, loss on every assistant turn (its default `loss_scale`,
+    as vlmtune's). Its defaults that differ from the other runs are set back: the vision tower and
+    projector frozen in full tuning (`freeze_vit`, `freeze_aligner`), gradient accumulation up to 16
+    samples a step (`ceil(16 / batch)`: 2 steps' batches an optimizer step at batch 8), LoRA rank 8, and a
+    version folder under the output. Its USER:/ASSISTANT: text tags make its samples longer: see tok/sample."""
+    work = data.parent
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    with (work / "swift.jsonl").open("w") as f:
+        for record in records:
+            record["images"] = [str((work / p).resolve()) for p in record["images"]]
+            f.write(json.dumps({"messages": record["messages"], "images": record["images"]}) + "\n")
+    job = {"model": str(model.resolve()), "model_type": "llava1_5_hf", "template": "llava1_5_hf",
+           "dataset": [str(work / "swift.jsonl")], "tuner_type": tune, "torch_dtype": "float32", "max_length": 1024,
+           "dataset_num_proc": 1, "split_dataset_ratio": 0.0, "output_dir": str(out), "add_version": False,
+           "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "max_steps": steps,
+           "learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_ratio": 0.0, "warmup_steps": 0,
+           "weight_decay": 0.0, "logging_steps": 1, "save_strategy": "no", "report_to": ["none"], "use_cpu": True,
+           "seed": 0, "dataloader_num_workers": 0, "gradient_checkpointing": False, "use_hf": True,
+           "freeze_llm": False, "freeze_vit": tune == "lora", "freeze_aligner": tune == "lora"}
+    if tune == "lora":  # TUNES["lora"]: every linear layer of the LLM (no LoRA on the frozen tower and the
+        # aligner), the projector fully trained
+        job |= {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["all-linear"],
+                "modules_to_save": ["multi_modal_projector"]}
+    (work / "swift.json").write_text(json.dumps(job, indent=1))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env |= {"HF_HUB_OFFLINE": "1", "MODELSCOPE_CACHE": str(work / "modelscope"),
+            "HF_DATASETS_CACHE": str(work / "hf-datasets"), "CUDA_VISIBLE_DEVICES": ""}
+    launched = time.perf_counter() - STARTED  # its first step counts from this process's start, like the others'
+    row = run_child([python, str(Path(__file__).with_name("swift_run.py")), str(work / "swift.json")], "swift", env)
+    return {**row, "first_step": launched + row["first_step"]}
+
+
 def child(args) -> dict:
     work = Path(args.work)
     model, data, out = work / "model", work / "data.jsonl", work / f"out-{args.child}"
@@ -223,6 +272,9 @@ def child(args) -> dict:
     elif args.child == "llamafactory":
         row = run_llamafactory(args.llamafactory, model, data, out, args.steps, args.batch_size, args.tune)
         return {"tool": args.child, **row, "params": {}}  # its peak RSS: its own process's
+    elif args.child == "swift":
+        row = run_swift(args.swift, model, data, out, args.steps, args.batch_size, args.tune)
+        return {"tool": args.child, **row, "params": {}}
     else:
         row = run_vlmtune(model, data, out, args.steps, args.batch_size, args.child == "vlmtune-packed", args.tune,
                           args.packed_rows)
@@ -252,9 +304,12 @@ def main() -> None:
     parser.add_argument("--deps", help="folder with TRL and datasets (pip install --target), added for TRL's runs")
     parser.add_argument("--llamafactory", metavar="PYTHON", help="python of an environment with LLaMA-Factory "
                         "(see above); its runs join the alternation")
+    parser.add_argument("--swift", metavar="PYTHON", help="python of an environment with ms-swift (see above); "
+                        "its runs join the alternation")
     args = parser.parse_args()
-    if args.llamafactory:
-        args.llamafactory = os.path.abspath(args.llamafactory)  # not resolved: a venv's python is a link
+    for peer in ("llamafactory", "swift"):
+        if getattr(args, peer):
+            setattr(args, peer, os.path.abspath(getattr(args, peer)))  # not resolved: a venv's python is a link
     if args.child:
         report(child(args))
         return
@@ -265,11 +320,12 @@ def main() -> None:
     deps = str(Path(args.deps).resolve()) if args.deps else None
     env_for = lambda tool: ({"PYTHONPATH": os.pathsep.join(filter(None, [deps, os.environ.get("PYTHONPATH")]))}  # noqa: E731
                             if tool == "trl" and deps else {})
-    tools = TOOLS + (("llamafactory",) if args.llamafactory else ())
+    tools = TOOLS + (("llamafactory",) if args.llamafactory else ()) + (("swift",) if args.swift else ())
     rows = alternate(__file__, tools, args.repeats, ["--work", str(work), "--steps", str(args.steps), "--batch-size",
                                                      str(args.batch_size), "--tune", args.tune]
                      + (["--packed-rows", str(args.packed_rows)] if args.packed_rows else [])
-                     + (["--llamafactory", args.llamafactory] if args.llamafactory else []), env_for)
+                     + (["--llamafactory", args.llamafactory] if args.llamafactory else [])
+                     + (["--swift", args.swift] if args.swift else []), env_for)
     total = next(r["params"]["total"] for r in rows if r["params"])
     print(f"model: {total / 1e6:.1f}M parameters, {args.tune} tuning; fp32 matmul peak on this machine: {peak:.1f} GFLOP/s")
     print(f"{'tool':<15} {'loop s':>7} {'samples/s':>10} {'sup tok/s':>10} {'tok/sample':>10} {'peak MiB':>9} "
