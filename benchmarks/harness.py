@@ -65,6 +65,49 @@ def link_inputs(work: Path, **targets: Path) -> None:
         (work / name).symlink_to(target)
 
 
+def instrument(trainer_class, pad_id, started: float) -> tuple[dict, dict, object]:
+    """For a peer's own runner (its own environment): wraps `trainer_class` to count what its training
+    batches hold (`count_batch`; `pad_id(trainer)` names the padding id) and to time `train()` alone,
+    the span every tool's row times. Returns what is filled in as it runs (`seen`, `timing`) and a
+    callback for the first step, counted from `started`."""
+    import time
+
+    from transformers import TrainerCallback
+
+    seen: dict = {}
+    timing: dict = {}
+
+    class FirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            timing.setdefault("first_step", time.perf_counter() - started)
+
+    original_loss, original_train = trainer_class.compute_loss, trainer_class.train
+
+    def counting(self, model, inputs, *args, **kwargs):
+        if model.training:
+            count_batch(seen, inputs, pad_id(self))
+        return original_loss(self, model, inputs, *args, **kwargs)
+
+    def timed(self, *args, **kwargs):
+        begun = time.perf_counter()
+        output = original_train(self, *args, **kwargs)
+        timing["seconds"] = time.perf_counter() - begun
+        timing["final_loss"] = [h["loss"] for h in self.state.log_history if "loss" in h][-1]
+        timing["trainable"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        timing["dtype"] = str(next(self.model.parameters()).dtype)
+        return output
+
+    trainer_class.compute_loss, trainer_class.train = counting, timed
+    return seen, timing, FirstStep()
+
+
+def report_peer(seen: dict, timing: dict) -> None:
+    """A peer runner's result: its timing, its batches' counts and its process's peak memory."""
+    import resource
+
+    report({**timing, **seen, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
 def report(row: dict) -> None:
     """A child's result, the one line `alternate` reads."""
     print("RESULT " + json.dumps(row))

@@ -7,54 +7,27 @@ alone, the same span the other tools time. Prints the one RESULT line harness.al
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 STARTED = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import count_batch, report  # noqa: E402  (harness needs only the standard library here)
+from harness import instrument, report_peer  # noqa: E402  (harness needs only the standard library here)
 
 
 def main() -> None:
+    from llamafactory.train.sft import workflow
     from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
     from llamafactory.train.tuner import run_exp
-    from transformers import TrainerCallback
 
-    seen: dict = {}
-    timing: dict = {}
-
-    class FirstStep(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            timing.setdefault("first_step", time.perf_counter() - STARTED)
-
-    original_loss, original_train = CustomSeq2SeqTrainer.compute_loss, CustomSeq2SeqTrainer.train
-
-    def counting(self, model, inputs, *args, **kwargs):
-        if model.training:
-            count_batch(seen, inputs, self.processing_class.pad_token_id)
-        return original_loss(self, model, inputs, *args, **kwargs)
-
-    def timed(self, *args, **kwargs):
-        started = time.perf_counter()
-        output = original_train(self, *args, **kwargs)
-        timing["seconds"] = time.perf_counter() - started
-        timing["losses"] = [h["loss"] for h in self.state.log_history if "loss" in h]
-        timing["trainable"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        timing["dtype"] = str(next(self.model.parameters()).dtype)
-        return output
-
-    CustomSeq2SeqTrainer.compute_loss, CustomSeq2SeqTrainer.train = counting, timed
+    seen, timing, first_step = instrument(CustomSeq2SeqTrainer, lambda trainer: trainer.processing_class.pad_token_id,
+                                          STARTED)
     # after training it writes a model card, which under transformers 5.6 fails for a plain (not PEFT)
     # model (`create_or_update_model_card` is PEFT's); the card is not part of what is measured
-    from llamafactory.train.sft import workflow
-
     workflow.create_modelcard_and_push = lambda *args, **kwargs: None
-    run_exp(json.loads(Path(sys.argv[1]).read_text()), callbacks=[FirstStep()])
-    report({"seconds": timing["seconds"], "final_loss": timing["losses"][-1], "first_step": timing["first_step"],
-            "trainable": timing["trainable"], "dtype": timing["dtype"], **seen,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    run_exp(json.loads(Path(sys.argv[1]).read_text()), callbacks=[first_step])
+    report_peer(seen, timing)
 
 
 if __name__ == "__main__":

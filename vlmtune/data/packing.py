@@ -17,7 +17,6 @@ from torch.utils.data import Dataset
 from vlmtune.data.encode import IGNORE
 
 
-
 def pack_groups(lengths: list[int], max_length: int) -> list[list[int]]:
     """Sample indices per row: first fit in decreasing length, each row's samples in their data order."""
     rows: list[list[int]] = []

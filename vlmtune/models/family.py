@@ -20,6 +20,11 @@ from torch import nn
 PEFT_PREFIX = "base_model.model."
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model itself, under a PEFT wrapper if there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class FamilyError(ValueError):
     """A model that does not fit a family (unknown type, unassigned parameters, a missing package)."""
 

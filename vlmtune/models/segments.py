@@ -28,6 +28,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from vlmtune.models.family import base_model
+
 IMPLEMENTATION = "sdpa_packed"
 GROUP = 32  # samples are padded up to a multiple of this many tokens within their group
 
@@ -100,7 +102,7 @@ def switch_to_segments(model: torch.nn.Module) -> bool:
     (eager, flash-attention: it has its own varlen path) or whose forward takes no extra keywords."""
     from transformers import PreTrainedModel
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     parts = [m for m in base.modules() if isinstance(m, PreTrainedModel)]
     takes_keywords = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values())
     if not parts or not takes_keywords or any(p.config._attn_implementation != "sdpa" for p in parts):
@@ -110,5 +112,4 @@ def switch_to_segments(model: torch.nn.Module) -> bool:
 
 
 def uses_segments(model: torch.nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(getattr(base, "config", None), "_attn_implementation", None) == IMPLEMENTATION
+    return getattr(getattr(base_model(model), "config", None), "_attn_implementation", None) == IMPLEMENTATION

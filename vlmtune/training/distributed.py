@@ -21,7 +21,7 @@ from torch import nn
 
 from vlmtune.config import ConfigError
 from vlmtune.config.schema import RunConfig
-from vlmtune.models.family import Family
+from vlmtune.models.family import Family, base_model
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def fsdp_layer_classes(model, family: Family) -> list[str]:
     root unit, gathered once per step: a process whose batch holds no image runs them on a blank image
     (`keep_vision_busy`), and with layers of their own its gathers would come in another order than an
     image batch's, which a collective cannot survive."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     names: list[str] = []
     for prefix in family.components.get("llm", ()):
         try:

@@ -8,12 +8,12 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from vlmtune.config import ConfigError
-from vlmtune.models.family import Family
+from vlmtune.models.family import Family, base_model
 
 
 def recompute(model, family: Family, components: list[str]) -> dict[str, list[str]]:
     """Turn checkpointing on in each component's outermost transformers models; returns their paths."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     unknown = [c for c in components if c not in family.components]
     if unknown:
         raise ConfigError(f"`train.gradient_checkpointing`: {', '.join(unknown)} is not a component of the "

@@ -39,10 +39,10 @@ from vlmtune.data.check import SKIPPED_FILE, DataReport, check_data, encode_chec
 from vlmtune.data.dataset import ConversationDataset, collator_for
 from vlmtune.data.encode import SampleEncoder
 from vlmtune.data.packing import PackedDataset, PackedRows, pack_groups
-from vlmtune.models.segments import switch_to_segments
 from vlmtune.data.records import DataError, Problem
 from vlmtune.data.shared import read_reports, shared_file, write_reports
 from vlmtune.models.family import LoadOptions
+from vlmtune.models.segments import switch_to_segments
 from vlmtune.models.registry import builder, families
 from vlmtune.training.checkpointing import (
     LOCK,

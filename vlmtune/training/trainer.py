@@ -25,7 +25,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from vlmtune.console import console
 from vlmtune.data.encode import IGNORE
-from vlmtune.models.family import Family
+from vlmtune.models.family import Family, base_model
 from vlmtune.models.positions import packed_inputs
 from vlmtune.training.distributed import fsdp_on_cpu
 from vlmtune.training.sharded import full_optimizer_state, load_full_optimizer_state
@@ -69,7 +69,7 @@ def keep_vision_busy(model, blank: dict[str, torch.Tensor]):
     (transformers' VLMs embed the text, then encode the images into it). FSDP gathers each layer's
     shards in forward and backward order, and every process must ask for them in the same order.
     Returns the hook handles."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     state: dict = {}
 
     def zero(device) -> torch.Tensor:
@@ -122,7 +122,7 @@ def fsdp_units(model) -> str:
 
 
 def takes_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
@@ -139,7 +139,7 @@ class VlmTrainer(Trainer):
         self.family = family
         self.lengths = lengths  # per training item (sample or packed row), for `data.group_by_length`
         self.slice_logits = takes_logits_to_keep(self.model)
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = base_model(self.model)
         self.first_step = True
         self.busy = None  # keep_vision_busy's hooks: with several processes, added at the first step
         if self.args.world_size > 1 and hasattr(base, "get_image_features") and self.processing_class is not None:
