@@ -95,7 +95,7 @@ def measure(model_dir: Path, name: str) -> dict:
     model = plan.apply(loaded.model).train()
     if checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
-    optimizer = torch.optim.AdamW(plan.param_groups(model, 0.0), lr=1e-4)
+    optimizer = torch.optim.AdamW(plan.param_groups(model, 0.0), lr=1e-4, fused=True)  # as VlmTrainer's
     vision = loaded.model.config.vision_config
     image_tokens = (vision.image_size // vision.patch_size) ** 2
     image_id = loaded.model.config.image_token_id

@@ -111,14 +111,14 @@ LLM_LINEARS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_pro
 
 
 def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, packed: bool, tune: str,
-                rows: int | None = None) -> dict:
+                rows: int | None = None, max_length: int = 1024) -> dict:
     import torch
 
     from vlmtune.training import trainer as trainer_module
     from vlmtune.training.run import train
 
     torch.manual_seed(0)
-    cfg = job_config(model, data, out, {"max_length": 1024, "packing": packed},
+    cfg = job_config(model, data, out, {"max_length": max_length, "packing": packed},
                      {"max_steps": steps, "batch_size": rows if packed and rows else batch, "weight_decay": 0.0},
                      TUNES[tune])
     seen: dict = {}
@@ -198,7 +198,8 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int, tune
     return {"seconds": seconds, "final_loss": losses[-1], "first_step": first.at, **seen}
 
 
-def run_llamafactory(python: str, model: Path, data: Path, out: Path, steps: int, batch: int, tune: str) -> dict:
+def run_llamafactory(python: str, model: Path, data: Path, out: Path, steps: int, batch: int, tune: str,
+                     max_length: int = 1024) -> dict:
     """LLaMA-Factory in its own environment's python, its own process (llamafactory_run.py): the same
     data as a ShareGPT dataset (its `<image>` placeholders are LLaMA-Factory's too), its `llava` template,
     answers-only loss (its default, as vlmtune's). Its defaults that differ from the other runs are set
@@ -210,7 +211,7 @@ def run_llamafactory(python: str, model: Path, data: Path, out: Path, steps: int
         "file_name": data.name, "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
     job = {"model_name_or_path": str(model), "stage": "sft", "do_train": True, "finetuning_type": tune,
-           "template": "llava", "default_system": "", "dataset": "peers", "dataset_dir": str(work), "cutoff_len": 1024,
+           "template": "llava", "default_system": "", "dataset": "peers", "dataset_dir": str(work), "cutoff_len": max_length,
            "preprocessing_num_workers": 1, "overwrite_cache": True, "output_dir": str(out),
            "overwrite_output_dir": True, "per_device_train_batch_size": batch, "max_steps": steps,
            "learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
@@ -229,7 +230,8 @@ def run_llamafactory(python: str, model: Path, data: Path, out: Path, steps: int
     return {**row, "first_step": launched + row["first_step"]}
 
 
-def run_swift(python: str, model: Path, data: Path, out: Path, steps: int, batch: int, tune: str) -> dict:
+def run_swift(python: str, model: Path, data: Path, out: Path, steps: int, batch: int, tune: str,
+              max_length: int = 1024) -> dict:
     """ms-swift in its own environment's python, its own process (swift_run.py): the same samples as its
     `messages` + `images` records (its `<image>` tags are ms-swift's too; the paths made absolute), the
     model as its `llava1_5_hf` type and template, loss on every assistant turn (its default `loss_scale`,
@@ -244,7 +246,7 @@ def run_swift(python: str, model: Path, data: Path, out: Path, steps: int, batch
             record["images"] = [str((work / p).resolve()) for p in record["images"]]
             f.write(json.dumps({"messages": record["messages"], "images": record["images"]}) + "\n")
     job = {"model": str(model.resolve()), "model_type": "llava1_5_hf", "template": "llava1_5_hf",
-           "dataset": [str(work / "swift.jsonl")], "tuner_type": tune, "torch_dtype": "float32", "max_length": 1024,
+           "dataset": [str(work / "swift.jsonl")], "tuner_type": tune, "torch_dtype": "float32", "max_length": max_length,
            "dataset_num_proc": 1, "split_dataset_ratio": 0.0, "output_dir": str(out), "add_version": False,
            "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "max_steps": steps,
            "learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_ratio": 0.0, "warmup_steps": 0,
@@ -270,14 +272,14 @@ def child(args) -> dict:
     if args.child == "trl":
         row = run_trl(model, data, out, args.steps, args.batch_size, args.tune)
     elif args.child == "llamafactory":
-        row = run_llamafactory(args.llamafactory, model, data, out, args.steps, args.batch_size, args.tune)
+        row = run_llamafactory(args.llamafactory, model, data, out, args.steps, args.batch_size, args.tune, args.max_length)
         return {"tool": args.child, **row, "params": {}}  # its peak RSS: its own process's
     elif args.child == "swift":
-        row = run_swift(args.swift, model, data, out, args.steps, args.batch_size, args.tune)
+        row = run_swift(args.swift, model, data, out, args.steps, args.batch_size, args.tune, args.max_length)
         return {"tool": args.child, **row, "params": {}}
     else:
         row = run_vlmtune(model, data, out, args.steps, args.batch_size, args.child == "vlmtune-packed", args.tune,
-                          args.packed_rows)
+                          args.packed_rows, args.max_length)
     params = {}
     if args.child in TOOLS[:2]:  # useful FLOPs: 6 x parameters x tokens, the LLM's and the vision tower's
         from safetensors.torch import load_file
@@ -301,6 +303,8 @@ def main() -> None:
     parser.add_argument("--tune", choices=tuple(TUNES), default="full", help="full tuning, or LoRA on the LLM")
     parser.add_argument("--packed-rows", type=int, help="rows of data.max_length tokens per packed step (default: "
                         "--batch-size); fewer rows hold fewer tokens, for a packed run within the padded runs' memory")
+    parser.add_argument("--max-length", type=int, default=1024, help="every tool's truncation limit (no sample of "
+                        "the job reaches 300 tokens, so it truncates nothing); vlmtune's packed rows hold this many tokens")
     parser.add_argument("--deps", help="folder with TRL and datasets (pip install --target), added for TRL's runs")
     parser.add_argument("--llamafactory", metavar="PYTHON", help="python of an environment with LLaMA-Factory "
                         "(see above); its runs join the alternation")
@@ -322,14 +326,15 @@ def main() -> None:
                             if tool == "trl" and deps else {})
     tools = TOOLS + (("llamafactory",) if args.llamafactory else ()) + (("swift",) if args.swift else ())
     rows = alternate(__file__, tools, args.repeats, ["--work", str(work), "--steps", str(args.steps), "--batch-size",
-                                                     str(args.batch_size), "--tune", args.tune]
+                                                     str(args.batch_size), "--tune", args.tune,
+                                                     "--max-length", str(args.max_length)]
                      + (["--packed-rows", str(args.packed_rows)] if args.packed_rows else [])
                      + (["--llamafactory", args.llamafactory] if args.llamafactory else [])
                      + (["--swift", args.swift] if args.swift else []), env_for)
     total = next(r["params"]["total"] for r in rows if r["params"])
     print(f"model: {total / 1e6:.1f}M parameters, {args.tune} tuning; fp32 matmul peak on this machine: {peak:.1f} GFLOP/s")
     print(f"{'tool':<15} {'loop s':>7} {'samples/s':>10} {'sup tok/s':>10} {'tok/sample':>10} {'peak MiB':>9} "
-          f"{'1st step s':>10} {'final loss':>10} {'MFU':>6}")
+          f"{'1st step s':>10} {'final loss':>10} {'pos/step':>8} {'MFU':>6}")
     for row in rows:
         mfu = ""
         if row["params"]:
@@ -342,7 +347,7 @@ def main() -> None:
         print(f"{row['tool']:<15} {row['seconds']:7.1f} {row['samples'] / row['seconds']:10.2f} "
               f"{row['supervised'] / row['seconds']:10.1f} {row['real'] / row['samples']:10.1f} "
               f"{row['peak_rss_mib']:9.0f} {row['first_step']:10.1f} "
-              f"{row['final_loss']:10.4f} {mfu:>6}")
+              f"{row['final_loss']:10.4f} {row['positions'] / args.steps:8.0f} {mfu:>6}")
     mean = {t: sum(r["samples"] / r["seconds"] for r in rows if r["tool"] == t) / args.repeats for t in tools}
     peers = [t for t in PEERS if t in tools]
     best = max(peers, key=mean.get)

@@ -159,3 +159,21 @@ def test_planned_steps_count_as_the_trainer_does(tiny_vlm, color_data, tmp_path)
     cfg = config(tiny_vlm, color_data, tmp_path / "run", vision="frozen", projector="full", llm="frozen")
     cfg.train.max_steps, cfg.train.epochs, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.save_steps = None, 1.5, 5, 2, 0
     assert train(cfg).steps == planned_steps(cfg, 24) == 5  # 5 batches -> 3 updates per epoch, 1.5 epochs
+
+
+def test_the_optimizer_is_torchs_fused_adamw_over_the_component_groups(tiny_vlm, color_data, tmp_path, monkeypatch):
+    from vlmtune.training.trainer import VlmTrainer
+
+    built = []
+    original = VlmTrainer.create_optimizer
+    monkeypatch.setattr(VlmTrainer, "create_optimizer", lambda self, model=None: built.append(original(self, model))
+                        or built[-1])
+    cfg = config(tiny_vlm, color_data, tmp_path / "run", vision="frozen", projector="full", llm="full",
+                 lr={"projector": 1e-3})
+    cfg.train.lr, cfg.train.lr_scheduler, cfg.train.save_steps, cfg.train.max_steps = 1e-4, "constant", 0, 2
+    train(cfg)
+    optimizer = built[-1]
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
+    assert optimizer.defaults["betas"] == (0.9, 0.999) and optimizer.defaults["eps"] == 1e-8
+    assert sorted((g["name"], g["lr"]) for g in optimizer.param_groups) == [("llm", 1e-4), ("projector", 1e-3)]
+    assert all(optimizer.state[p]["step"] == 2 for g in optimizer.param_groups for p in g["params"])

@@ -156,12 +156,8 @@ def estimate(cfg: RunConfig, nproc: int = 1, labelled: float = 0.5, model=None) 
     vocab = getattr(text_config, "vocab_size", 0)
     if trains and vocab:  # fp32 logits, the log-softmax the loss keeps, and their gradient
         extra["logits (labelled positions)"] = batch * seq * labelled * vocab * 4 * 3
-    trained = sum(r.trainable for r in rows)
-    # the optimizer step's temporaries (one tensor per parameter, as torch's foreach AdamW makes) are alive
-    # when activations are not: the peak is the larger of the two
-    step = 0.0 if deepspeed and d.offload_optimizer else trained * 4 / shard
-    if step > sum(r.activations for r in rows) + sum(extra.values()):
-        extra["optimizer step temporaries"] = step - sum(r.activations for r in rows) - sum(extra.values())
+    # the optimizer step (torch's fused AdamW, the Trainer's default and vlmtune's: `VlmTrainer.create_optimizer`)
+    # updates every tensor in place, with no per-parameter temporaries beside the states counted above
     if nproc > 1 and d.strategy == "ddp":
         extra["DDP gradient buckets"] = sum(r.grads for r in rows)
     if zero3:
