@@ -211,7 +211,8 @@ def run_llamafactory(python: str, model: Path, data: Path, out: Path, steps: int
         "file_name": data.name, "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
     job = {"model_name_or_path": str(model), "stage": "sft", "do_train": True, "finetuning_type": tune,
-           "template": "llava", "default_system": "", "dataset": "peers", "dataset_dir": str(work), "cutoff_len": max_length,
+           "template": "llava", "default_system": "", "dataset": "peers", "dataset_dir": str(work),
+           "cutoff_len": max_length,
            "preprocessing_num_workers": 1, "overwrite_cache": True, "output_dir": str(out),
            "overwrite_output_dir": True, "per_device_train_batch_size": batch, "max_steps": steps,
            "learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
@@ -246,7 +247,8 @@ def run_swift(python: str, model: Path, data: Path, out: Path, steps: int, batch
             record["images"] = [str((work / p).resolve()) for p in record["images"]]
             f.write(json.dumps({"messages": record["messages"], "images": record["images"]}) + "\n")
     job = {"model": str(model.resolve()), "model_type": "llava1_5_hf", "template": "llava1_5_hf",
-           "dataset": [str(work / "swift.jsonl")], "tuner_type": tune, "torch_dtype": "float32", "max_length": max_length,
+           "dataset": [str(work / "swift.jsonl")], "tuner_type": tune, "torch_dtype": "float32",
+           "max_length": max_length,
            "dataset_num_proc": 1, "split_dataset_ratio": 0.0, "output_dir": str(out), "add_version": False,
            "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "max_steps": steps,
            "learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_ratio": 0.0, "warmup_steps": 0,
@@ -272,7 +274,8 @@ def child(args) -> dict:
     if args.child == "trl":
         row = run_trl(model, data, out, args.steps, args.batch_size, args.tune)
     elif args.child == "llamafactory":
-        row = run_llamafactory(args.llamafactory, model, data, out, args.steps, args.batch_size, args.tune, args.max_length)
+        row = run_llamafactory(args.llamafactory, model, data, out, args.steps, args.batch_size, args.tune,
+                               args.max_length)
         return {"tool": args.child, **row, "params": {}}  # its peak RSS: its own process's
     elif args.child == "swift":
         row = run_swift(args.swift, model, data, out, args.steps, args.batch_size, args.tune, args.max_length)

@@ -166,8 +166,12 @@ def test_the_optimizer_is_torchs_fused_adamw_over_the_component_groups(tiny_vlm,
 
     built = []
     original = VlmTrainer.create_optimizer
-    monkeypatch.setattr(VlmTrainer, "create_optimizer", lambda self, model=None: built.append(original(self, model))
-                        or built[-1])
+
+    def recording(self, model=None):
+        built.append(original(self, model))
+        return built[-1]
+
+    monkeypatch.setattr(VlmTrainer, "create_optimizer", recording)
     cfg = config(tiny_vlm, color_data, tmp_path / "run", vision="frozen", projector="full", llm="full",
                  lr={"projector": 1e-3})
     cfg.train.lr, cfg.train.lr_scheduler, cfg.train.save_steps, cfg.train.max_steps = 1e-4, "constant", 0, 2
