@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -283,20 +284,26 @@ def child(args) -> dict:
     else:
         row = run_vlmtune(model, data, out, args.steps, args.batch_size, args.child == "vlmtune-packed", args.tune,
                           args.packed_rows, args.max_length)
-    params = {}
+    peak, params = peak_rss_mib(), {}  # the peak before anything below is read
     if args.child in TOOLS[:2]:  # useful FLOPs: 6 x parameters x tokens, the LLM's and the vision tower's
-        from safetensors.torch import load_file
+        from safetensors import safe_open
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model)
-        params = {"llm": _params(config.text_config, 3), "vision": _params(config.vision_config, 2),
-                  "total": sum(t.numel() for t in load_file(model / "model.safetensors").values())}
+        with safe_open(model / "model.safetensors", "pt") as weights:  # shapes only: no tensor is read
+            total = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+        # the vision layers up to the one whose output the LLM gets (`vision_feature_layer`, -2 here): the
+        # layers after it do no useful work (vlmtune no longer runs them; the peers do)
+        layers = config.vision_config.num_hidden_layers
+        used = config.vision_feature_layer % (layers + 1)
+        params = {"llm": _params(config.text_config, 3), "vision": _params(config.vision_config, 2, used),
+                  "total": total}
         params["image_tokens"] = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    return {"tool": args.child, **row, "peak_rss_mib": peak_rss_mib(), "params": params}
+    return {"tool": args.child, **row, "peak_rss_mib": peak, "params": params}
 
 
-def _params(config, mlp_matrices: int) -> int:
-    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+def _params(config, mlp_matrices: int, layers: int | None = None) -> int:
+    h, i, n = config.hidden_size, config.intermediate_size, layers or config.num_hidden_layers
     return n * (4 * h * h + mlp_matrices * h * i)  # attention and MLP matrices (the FLOPs-bearing ones)
 
 

@@ -8,7 +8,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from vlmtune.checkpoints.load import load_model
 from vlmtune.config import load_config
+from vlmtune.training import run
 from vlmtune.training.run import train
 from vlmtune.tuning.plan import TuningPlan
 from vlmtune.models.llava import LLAVA
@@ -171,7 +173,21 @@ def test_the_optimizer_is_torchs_fused_adamw_over_the_component_groups(tiny_vlm,
         built.append(original(self, model))
         return built[-1]
 
+    steps, at_save = [], []
+    original_release, original_save = run.release_training_state, run.save_model_folder
+
+    def release(trainer):  # the state as training left it, then as the final save sees it
+        steps.extend(int(trainer.optimizer.state[p]["step"]) for g in trainer.optimizer.param_groups for p in g["params"])
+        original_release(trainer)
+        at_save.append((len(trainer.optimizer.state), [p.grad for p in trainer.model.parameters()]))
+
+    def save(model, *args, **kwargs):
+        at_save.append({k: v.clone() for k, v in model.state_dict().items()})
+        return original_save(model, *args, **kwargs)
+
     monkeypatch.setattr(VlmTrainer, "create_optimizer", recording)
+    monkeypatch.setattr(run, "release_training_state", release)
+    monkeypatch.setattr(run, "save_model_folder", save)
     cfg = config(tiny_vlm, color_data, tmp_path / "run", vision="frozen", projector="full", llm="full",
                  lr={"projector": 1e-3})
     cfg.train.lr, cfg.train.lr_scheduler, cfg.train.save_steps, cfg.train.max_steps = 1e-4, "constant", 0, 2
@@ -180,4 +196,10 @@ def test_the_optimizer_is_torchs_fused_adamw_over_the_component_groups(tiny_vlm,
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
     assert optimizer.defaults["betas"] == (0.9, 0.999) and optimizer.defaults["eps"] == 1e-8
     assert sorted((g["name"], g["lr"]) for g in optimizer.param_groups) == [("llm", 1e-4), ("projector", 1e-3)]
-    assert all(optimizer.state[p]["step"] == 2 for g in optimizer.param_groups for p in g["params"])
+    assert steps and all(step == 2 for step in steps)
+    # the moments and gradients are freed before the final save (its peak of memory), and the
+    # weights saved are the trained ones
+    (state_left, grads), weights = at_save
+    assert state_left == 0 and all(g is None for g in grads)
+    saved = load_model(tmp_path / "run").model.state_dict()
+    assert all(torch.equal(saved[k], weights[k]) for k in weights)

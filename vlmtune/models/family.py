@@ -109,6 +109,9 @@ class Family:
     # (component, leader): a component split out of another (MiniCPM-V's embeddings out of the LLM) that,
     # unless `tune` names it, is trained in full when its leader is and frozen otherwise (as before the split)
     follows: tuple[tuple[str, str], ...] = ()
+    # (model) -> names of modules whose output never reaches the loss (LLaVA's vision layers after
+    # `vision_feature_layer`): training runs them as identities (vlmtune.models.skipped)
+    unused_layers: Callable[[nn.Module], list[str]] | None = None
     notes: str = ""
 
     def quantization_config(self, options: LoadOptions) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import inspect
 import math
@@ -43,6 +44,7 @@ from vlmtune.data.records import DataError, Problem
 from vlmtune.data.shared import read_reports, shared_file, write_reports
 from vlmtune.models.family import LoadOptions
 from vlmtune.models.segments import switch_to_segments
+from vlmtune.models.skipped import skipping
 from vlmtune.models.registry import builder, families
 from vlmtune.training.checkpointing import (
     LOCK,
@@ -465,14 +467,18 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(StepLines)
+    unused = loaded.family.unused_layers(model) if loaded.family.unused_layers else []
+    if unused:
+        console.print(f"not run in training (their output never reaches the LLM; saved unchanged): {', '.join(unused)}")
     started = time.perf_counter()
     try:
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        seconds = time.perf_counter() - started
-        final_step = trainer.state.global_step
-        if eval_dataset is not None and not any(  # the last eval step already evaluated the final weights
-                "eval_loss" in h and h.get("step") == final_step for h in trainer.state.log_history):
-            trainer.evaluate()
+        with skipping(model, unused):
+            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            seconds = time.perf_counter() - started
+            final_step = trainer.state.global_step
+            if eval_dataset is not None and not any(  # the last eval step already evaluated the final weights
+                    "eval_loss" in h and h.get("step") == final_step for h in trainer.state.log_history):
+                trainer.evaluate()
     except KeyboardInterrupt:
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, StepLines):
@@ -489,6 +495,7 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
         trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
         raise disk_full_error(out, model_bytes(model) + 2 * trainable, err) from None
 
+    release_training_state(trainer)
     final = checkpoint_record(trainer.state)
     delta_keys = None
     if delta:
@@ -522,6 +529,18 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     console.print(f"[green]saved and verified[/] {out} ({kind}); {trainer.state.global_step} steps in {seconds:.1f}s; {loss}")
     return TrainResult(out, trainer.state.global_step, losses[-1] if losses else None, losses[0] if losses else None,
                        seconds, train_data.bad)
+
+
+def release_training_state(trainer) -> None:
+    """Frees the optimizer's moments and the gradients once training is over: with AdamW they are three
+    times the trainable weights, and the final save, merge and verify (which loads a second copy of the
+    model) need none of them. Kept, they made the end of a run its peak of memory. The checkpoints that
+    resume a run already hold the optimizer state; the final folder never did. DeepSpeed's engine owns
+    its partitioned state and frees it itself."""
+    trainer.model.zero_grad(set_to_none=True)
+    if trainer.optimizer is not None and not trainer.is_deepspeed_enabled:
+        trainer.optimizer.state.clear()  # in place: the accelerator and the scheduler hold the same optimizer
+    gc.collect()
 
 
 def planned_steps(cfg: RunConfig, samples: int) -> int:

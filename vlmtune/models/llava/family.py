@@ -11,6 +11,7 @@ from vlmtune.models.llava.convert import TRANSFORMERS4_RENAMES, XTUNER_EXPORT, X
 from vlmtune.models.llava.layouts import LAYOUTS
 from vlmtune.models.llava.merge import merge_parts
 from vlmtune.models.registry import register
+from vlmtune.models.skipped import after_feature_layer
 
 LLAVA = register(
     Family(
@@ -22,6 +23,7 @@ LLAVA = register(
             "llm": ("model.language_model", "lm_head"),
         },
         matches=model_type_is("llava"),
+        unused_layers=after_feature_layer("model.vision_tower"),
         model_class=LlavaForConditionalGeneration,
         build=build,
         key_renames=(

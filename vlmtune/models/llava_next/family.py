@@ -7,6 +7,7 @@ from transformers import LlavaNextForConditionalGeneration
 
 from vlmtune.models.family import Family, model_type_is
 from vlmtune.models.registry import register
+from vlmtune.models.skipped import after_feature_layer
 
 LLAVA_NEXT = register(
     Family(
@@ -18,6 +19,7 @@ LLAVA_NEXT = register(
             "llm": ("model.language_model", "lm_head"),
         },
         matches=model_type_is("llava_next"),
+        unused_layers=after_feature_layer("model.vision_tower"),
         model_class=LlavaNextForConditionalGeneration,
         key_renames=(
             ("language_model.model.", "model.language_model."),
