@@ -203,3 +203,25 @@ def test_the_optimizer_is_torchs_fused_adamw_over_the_component_groups(tiny_vlm,
     assert state_left == 0 and all(g is None for g in grads)
     saved = load_model(tmp_path / "run").model.state_dict()
     assert all(torch.equal(saved[k], weights[k]) for k in weights)
+
+
+def test_training_runs_with_the_objects_made_before_it_frozen_for_the_collector(tiny_vlm, color_data, tmp_path,
+                                                                                   monkeypatch):
+    import gc
+
+    from vlmtune.training.trainer import VlmTrainer
+
+    frozen, original = [], VlmTrainer.training_step
+
+    def step(self, *args, **kwargs):
+        frozen.append(gc.get_freeze_count())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VlmTrainer, "training_step", step)
+    cfg = config(tiny_vlm, color_data, tmp_path / "run", vision="frozen", projector="full", llm="frozen")
+    cfg.train.max_steps, cfg.train.save_steps = 2, 0
+    before = gc.get_freeze_count()
+    train(cfg)
+    # the model, torch's and transformers' objects are left out of every collection during the steps
+    assert len(frozen) == 2 and all(count > before + 10_000 for count in frozen)
+    assert gc.get_freeze_count() == before  # and collectable again afterwards

@@ -40,8 +40,14 @@ def placeholder_ids(processor) -> list[int]:
 
 
 def _images_kwargs(processor) -> dict[str, Any]:
-    init = processor.tokenizer.init_kwargs if hasattr(processor, "tokenizer") else {}
-    return processor._merge_kwargs(tokenizer_init_kwargs=init, return_tensors="pt")["images_kwargs"]
+    """The processor's image arguments, merged once per processor (a third of processing a small
+    image, done for every image of every step otherwise); a copy, in case the processor edits it."""
+    cache = processor.__dict__
+    if "_vlmtune_images_kwargs" not in cache:
+        init = processor.tokenizer.init_kwargs if hasattr(processor, "tokenizer") else {}
+        cache["_vlmtune_images_kwargs"] = processor._merge_kwargs(tokenizer_init_kwargs=init,
+                                                                  return_tensors="pt")["images_kwargs"]
+    return dict(cache["_vlmtune_images_kwargs"])
 
 
 def process(processor, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[str]]:

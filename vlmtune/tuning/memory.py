@@ -79,10 +79,11 @@ def dtype_bytes(cfg: RunConfig, config) -> int:
     return torch.empty(0, dtype=getattr(torch, str(saved).removeprefix("torch."))).element_size()
 
 
-def layer_activations(config, tokens: int, element: int, checkpointing: bool) -> float:
-    """Bytes a stack of transformer layers keeps for the backward pass, for `tokens` tokens."""
+def layer_activations(config, tokens: int, element: int, checkpointing: bool, skipped: int = 0) -> float:
+    """Bytes a stack of transformer layers keeps for the backward pass, for `tokens` tokens (`skipped`:
+    layers training does not run, `Family.unused_layers`)."""
     h = getattr(config, "hidden_size", 0) or getattr(config, "embed_dim", 0)
-    layers = getattr(config, "num_hidden_layers", 0) or getattr(config, "depth", 0)
+    layers = (getattr(config, "num_hidden_layers", 0) or getattr(config, "depth", 0)) - skipped
     if not h or not layers:
         return 0.0
     f = getattr(config, "intermediate_size", None) or 4 * h
@@ -143,8 +144,9 @@ def estimate(cfg: RunConfig, nproc: int = 1, labelled: float = 0.5, model=None) 
     size = getattr(vision_config, "image_size", 0) if vision_config is not None else 0
     vision_tokens = batch * (size // max(getattr(vision_config, "patch_size", 1), 1)) ** 2 if size else 0
     if "vision" in trains and "vision" in by_name:  # one image per sample
+        skipped = len(family.unused_layers(model)) if family.unused_layers else 0
         by_name["vision"].activations = layer_activations(vision_config, vision_tokens, element,
-                                                          cfg.train.recomputes("vision"))
+                                                          cfg.train.recomputes("vision"), skipped)
     tokens = {"llm": batch * seq, "vision": vision_tokens if "vision" in trains else 0}
     layers = {"llm": getattr(text_config, "num_hidden_layers", 1) or 1,
               "vision": getattr(vision_config, "num_hidden_layers", 1) or 1}
