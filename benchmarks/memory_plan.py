@@ -70,6 +70,7 @@ def measure(model_dir: Path, name: str) -> dict:
 
     from vlmtune.checkpoints.load import load_model
     from vlmtune.config import load_config
+    from vlmtune.models.skipped import skipping
     from vlmtune.training.trainer import label_positions, supervised_loss
     from vlmtune.tuning.memory import estimate
     from vlmtune.tuning.plan import TuningPlan
@@ -100,17 +101,19 @@ def measure(model_dir: Path, name: str) -> dict:
     image_tokens = (vision.image_size // vision.patch_size) ** 2
     image_id = loaded.model.config.image_token_id
     torch.manual_seed(0)
-    for _ in range(3):
-        ids = torch.randint(10, 200, (batch, seq))
-        ids[:, 1:1 + image_tokens] = image_id
-        labels = ids.clone()
-        labels[:, : int(seq * (1 - LABELLED))] = -100
-        pixels = torch.randn(batch, 3, vision.image_size, vision.image_size)
-        out = model(input_ids=ids, pixel_values=pixels, logits_to_keep=label_positions(labels), use_cache=False)
-        supervised_loss(out, labels).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        del out
+    unused = loaded.family.unused_layers(model) if loaded.family.unused_layers else []
+    with skipping(model, unused):  # as training runs the tower: without the layers after vision_feature_layer
+        for _ in range(3):
+            ids = torch.randint(10, 200, (batch, seq))
+            ids[:, 1:1 + image_tokens] = image_id
+            labels = ids.clone()
+            labels[:, : int(seq * (1 - LABELLED))] = -100
+            pixels = torch.randn(batch, 3, vision.image_size, vision.image_size)
+            out = model(input_ids=ids, pixel_values=pixels, logits_to_keep=label_positions(labels), use_cache=False)
+            supervised_loss(out, labels).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del out
     done.set()
     thread.join()
     return {"name": name, "predicted": predicted.total, "measured": peak[0] - baseline}

@@ -1,6 +1,8 @@
 """`vlmtune plan`: exact parameter, gradient and optimizer bytes per component from a model folder's config
 alone, sharding divided by process count, a verdict and suggestions, and clear errors."""
 
+import json
+
 import pytest
 import yaml
 
@@ -49,16 +51,33 @@ def test_sharding_divides_by_the_process_count(tiny_vlm):
     assert all(r.optimizer == 0 and r.weights == 0 for r in offload.rows) and offload.offloaded > 0
 
 
-def test_checkpointing_keeps_fewer_activations(tiny_vlm):
+def every_vision_layer_used(model_dir, folder):
+    """A config-only copy of the model whose LLM gets the vision tower's last hidden state."""
+    config = json.loads((model_dir / "config.json").read_text())
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, "vision_feature_layer": -1}))
+    return folder
+
+
+def test_checkpointing_keeps_fewer_activations(tiny_vlm, tmp_path):
     plain, checkpointed = estimate(config(tiny_vlm)), estimate(config(tiny_vlm, gradient_checkpointing=True))
     llm = lambda e: next(r for r in e.rows if r.component == "llm").activations  # noqa: E731
     assert llm(checkpointed) < llm(plain)
     # per component: [llm] keeps the LLM's activations like true and the vision tower's like false
     full = {"vision": "full", "projector": "full", "llm": "full"}
     act = lambda e, c: next(r for r in e.rows if r.component == c).activations  # noqa: E731
-    plain, every, llm_only = (estimate(config(tiny_vlm, full, gradient_checkpointing=g)) for g in (False, True, ["llm"]))
+    whole = every_vision_layer_used(tiny_vlm, tmp_path / "whole")  # two layers run: checkpointing saves
+    plain, every, llm_only = (estimate(config(whole, full, gradient_checkpointing=g)) for g in (False, True, ["llm"]))
     assert act(llm_only, "llm") == act(every, "llm") < act(plain, "llm")
     assert act(llm_only, "vision") == act(plain, "vision") > act(every, "vision")
+
+
+def test_vision_layers_training_skips_keep_no_activations(tiny_vlm, tmp_path):
+    """The tiny LLaVA's LLM gets hidden state -2 of its 2-layer tower: training runs one layer."""
+    full = {"vision": "full", "projector": "full", "llm": "full"}
+    act = lambda e: next(r for r in e.rows if r.component == "vision").activations  # noqa: E731
+    whole = every_vision_layer_used(tiny_vlm, tmp_path / "whole")
+    assert act(estimate(config(tiny_vlm, full))) == act(estimate(config(whole, full))) / 2 > 0
 
 
 def test_cli_reads_only_the_config_and_gives_a_verdict_with_suggestions(tiny_vlm, tmp_path, capsys):
