@@ -59,6 +59,11 @@ def test_the_forward_comes_back_when_training_raises(family_model):
         assert layer.forward("h") == "h"
         raise RuntimeError("stop")
     assert "forward" not in vars(layer)
+    # a forward set on the module itself (as accelerate's device hooks do) comes back as it was
+    hooked = layer.forward = lambda *args, **kwargs: "hooked"
+    with skipping(model, [f"{TOWER}.1"]):
+        assert layer("h") == "h"
+    assert layer.forward is hooked and layer("h") == "hooked"
 
 
 @pytest.mark.parametrize("selected,expected", [(-1, []), (2, []), (1, ["1"]), (0, ["0", "1"]), ([-3, -2], ["1"]), ([0, 2], [])])

@@ -51,13 +51,18 @@ def _passthrough(hidden_states, *args, **kwargs):
 @contextlib.contextmanager
 def skipping(model: nn.Module, names: list[str]) -> Iterator[None]:
     """Within the block, the named modules of `model` (as `Family.unused_layers` names them) return
-    their input; their own `forward` is back afterwards, also when the block raises."""
+    their input; their own `forward` is back afterwards, also when the block raises — the class's, or
+    the one set on the module itself (accelerate's device hooks wrap a module's forward that way)."""
     base = base_model(model)
     modules = [base.get_submodule(name) for name in names]
+    before = [module.__dict__.get("forward") for module in modules]
     for module in modules:
         module.forward = _passthrough
     try:
         yield
     finally:
-        for module in modules:
-            del module.forward  # the instance attribute: the class's forward shows again
+        for module, forward in zip(modules, before):
+            if forward is None:
+                del module.forward  # the instance attribute: the class's forward shows again
+            else:
+                module.forward = forward

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib.util
 import inspect
 import math
@@ -66,6 +65,7 @@ from vlmtune.training.distributed import (
     fsdp_config,
     fsdp_layer_classes,
 )
+from vlmtune.training.housekeeping import collector_frozen, release_training_state
 from vlmtune.training.recompute import recompute
 from vlmtune.training.sharded import restore_adapter_weights
 from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, StepLines, plot_loss, read_log, truncate_log
@@ -529,36 +529,6 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     console.print(f"[green]saved and verified[/] {out} ({kind}); {trainer.state.global_step} steps in {seconds:.1f}s; {loss}")
     return TrainResult(out, trainer.state.global_step, losses[-1] if losses else None, losses[0] if losses else None,
                        seconds, train_data.bad)
-
-
-@contextlib.contextmanager
-def collector_frozen():
-    """Python's cyclic garbage collector left out of what exists before training (`gc.freeze`). After
-    torch and transformers import, a full collection walks over half a million objects that live as
-    long as the process (0.28 s for the benchmark's LLaVA, 4% of its 30 steps; accelerate runs one as
-    training ends, Python more as objects pile up); objects made during training are still collected,
-    and everything is collectable again afterwards (unless the caller had frozen objects itself: then
-    it is theirs to undo, and nothing changes)."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-def release_training_state(trainer) -> None:
-    """Frees the optimizer's moments and the gradients once training is over: with AdamW they are three
-    times the trainable weights, and the final save, merge and verify (which loads a second copy of the
-    model) need none of them. Kept, they made the end of a run its peak of memory. The checkpoints that
-    resume a run already hold the optimizer state; the final folder never did. DeepSpeed's engine owns
-    its partitioned state and frees it itself."""
-    trainer.model.zero_grad(set_to_none=True)
-    if trainer.optimizer is not None and not trainer.is_deepspeed_enabled:
-        trainer.optimizer.state.clear()  # in place: the accelerator and the scheduler hold the same optimizer
-    gc.collect()
 
 
 def planned_steps(cfg: RunConfig, samples: int) -> int:
