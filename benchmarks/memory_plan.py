@@ -101,8 +101,7 @@ def measure(model_dir: Path, name: str) -> dict:
     image_tokens = (vision.image_size // vision.patch_size) ** 2
     image_id = loaded.model.config.image_token_id
     torch.manual_seed(0)
-    unused = loaded.family.unused_layers(model) if loaded.family.unused_layers else []
-    with skipping(model, unused):  # as training runs the tower: without the layers after vision_feature_layer
+    with skipping(model, loaded.family.layers_not_run(model)):  # as training runs the tower: without the layers after vision_feature_layer
         for _ in range(3):
             ids = torch.randint(10, 200, (batch, seq))
             ids[:, 1:1 + image_tokens] = image_id

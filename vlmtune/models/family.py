@@ -137,6 +137,10 @@ class Family:
                                     llm_int8_skip_modules=keep)
         return {"quantization_config": config, "device_map": options.device_map or (0 if torch.cuda.is_available() else "cpu")}
 
+    def layers_not_run(self, model: nn.Module) -> list[str]:
+        """`unused_layers` of this model: the modules training runs as identities (none by default)."""
+        return self.unused_layers(model) if self.unused_layers else []
+
     def canonical_key(self, key: str) -> str:
         """A weight name as the current transformers module tree spells it."""
         for old, new in self.key_renames:

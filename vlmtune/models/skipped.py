@@ -38,8 +38,7 @@ def after_feature_layer(tower: str) -> Callable[[nn.Module], list[str]]:
                   and isinstance(m, nn.ModuleList) and len(m) == count]
         if len(stacks) != 1:  # a tower of another shape: run it whole rather than guess
             return []
-        name, layers = stacks[0]
-        return [f"{name}.{i}" for i in range(last, count)]
+        return [f"{stacks[0][0]}.{i}" for i in range(last, count)]
 
     return unused
 
@@ -50,7 +49,7 @@ def _passthrough(hidden_states, *args, **kwargs):
 
 @contextlib.contextmanager
 def skipping(model: nn.Module, names: list[str]) -> Iterator[None]:
-    """Within the block, the named modules of `model` (as `Family.unused_layers` names them) return
+    """Within the block, the named modules of `model` (as `Family.layers_not_run` names them) return
     their input; their own `forward` is back afterwards, also when the block raises — the class's, or
     the one set on the module itself (accelerate's device hooks wrap a module's forward that way)."""
     base = base_model(model)

@@ -34,4 +34,3 @@ def release_training_state(trainer) -> None:
     trainer.model.zero_grad(set_to_none=True)
     if trainer.optimizer is not None and not trainer.is_deepspeed_enabled:
         trainer.optimizer.state.clear()  # in place: the accelerator and the scheduler hold the same optimizer
-    gc.collect()

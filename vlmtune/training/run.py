@@ -467,7 +467,7 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(StepLines)
-    unused = loaded.family.unused_layers(model) if loaded.family.unused_layers else []
+    unused = loaded.family.layers_not_run(model)
     if unused:
         console.print(f"not run in training (their output never reaches the LLM; saved unchanged): {', '.join(unused)}")
     started = time.perf_counter()

@@ -144,7 +144,7 @@ def estimate(cfg: RunConfig, nproc: int = 1, labelled: float = 0.5, model=None) 
     size = getattr(vision_config, "image_size", 0) if vision_config is not None else 0
     vision_tokens = batch * (size // max(getattr(vision_config, "patch_size", 1), 1)) ** 2 if size else 0
     if "vision" in trains and "vision" in by_name:  # one image per sample
-        skipped = len(family.unused_layers(model)) if family.unused_layers else 0
+        skipped = len(family.layers_not_run(model))
         by_name["vision"].activations = layer_activations(vision_config, vision_tokens, element,
                                                           cfg.train.recomputes("vision"), skipped)
     tokens = {"llm": batch * seq, "vision": vision_tokens if "vision" in trains else 0}
