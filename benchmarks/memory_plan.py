@@ -71,6 +71,7 @@ def measure(model_dir: Path, name: str) -> dict:
     from vlmtune.checkpoints.load import load_model
     from vlmtune.config import load_config
     from vlmtune.models.skipped import skipping
+    from vlmtune.training.dropout import gap_dropout
     from vlmtune.training.trainer import label_positions, supervised_loss
     from vlmtune.tuning.memory import estimate
     from vlmtune.tuning.plan import TuningPlan
@@ -101,7 +102,8 @@ def measure(model_dir: Path, name: str) -> dict:
     image_tokens = (vision.image_size // vision.patch_size) ** 2
     image_id = loaded.model.config.image_token_id
     torch.manual_seed(0)
-    with skipping(model, loaded.family.layers_not_run(model)):  # as training runs the tower: without the layers after vision_feature_layer
+    # as training runs: the tower without the layers after vision_feature_layer, LoRA dropout by its gaps
+    with skipping(model, loaded.family.layers_not_run(model)), gap_dropout(model):
         for _ in range(3):
             ids = torch.randint(10, 200, (batch, seq))
             ids[:, 1:1 + image_tokens] = image_id

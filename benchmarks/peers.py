@@ -3,9 +3,12 @@ process: the same LLaVA model (from packing.py's builder), the same mixed-length
 four turns, short and long answers), batch, steps, learning rate, AdamW, on the CPU. Prints per run: training
 seconds (the Trainer's loop), samples/s, supervised tokens/s (as each tool labels them), peak resident
 memory, seconds from process start to the first optimizer step, final loss, real tokens per sample (each
-tool's own chat format); vlmtune's samples/s ratio to each peer and to the best one; and vlmtune's useful
-FLOPs against this machine's fp32 matmul peak, measured in the same run (the faster of a measurement
-before the runs and one after them).
+tool's own chat format); each tool's useful FLOPs (MFU) and executed FLOPs (exec) against this machine's
+fp32 matmul peak, measured in the same run (the faster of a measurement before the runs and one after
+them), and its executed matrix work per sample; vlmtune's samples/s ratio to each peer and to the best
+one, split into its two factors: how much less work a sample costs (packing: no padding; the vision
+layers the LLM does not read are not run) and how fast that work runs (what a step spends outside
+matrix products).
 
 TRL is a benchmark-only dependency, installed beside the environment without touching it:
 
@@ -278,34 +281,51 @@ def child(args) -> dict:
     elif args.child == "llamafactory":
         row = run_llamafactory(args.llamafactory, model, data, out, args.steps, args.batch_size, args.tune,
                                args.max_length)
-        return {"tool": args.child, **row, "params": {}}  # its peak RSS: its own process's
+        return {"tool": args.child, **row}  # its peak RSS: its own process's
     elif args.child == "swift":
         row = run_swift(args.swift, model, data, out, args.steps, args.batch_size, args.tune, args.max_length)
-        return {"tool": args.child, **row, "params": {}}
+        return {"tool": args.child, **row}
     else:
         row = run_vlmtune(model, data, out, args.steps, args.batch_size, args.child == "vlmtune-packed", args.tune,
                           args.packed_rows, args.max_length)
-    peak, params = peak_rss_mib(), {}  # the peak before anything below is read
-    if args.child in TOOLS[:2]:  # useful FLOPs: 6 x parameters x tokens, the LLM's and the vision tower's
-        from safetensors import safe_open
-        from transformers import AutoConfig
+    return {"tool": args.child, **row, "peak_rss_mib": peak_rss_mib()}
 
-        config = AutoConfig.from_pretrained(model)
-        with safe_open(model / "model.safetensors", "pt") as weights:  # shapes only: no tensor is read
-            total = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
-        # the vision layers up to the one whose output the LLM gets (`vision_feature_layer`, -2 here): the
-        # layers after it do no useful work (vlmtune no longer runs them; the peers do)
-        layers = config.vision_config.num_hidden_layers
-        used = config.vision_feature_layer % (layers + 1)
-        params = {"llm": _params(config.text_config, 3), "vision": _params(config.vision_config, 2, used),
-                  "total": total}
-        params["image_tokens"] = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    return {"tool": args.child, **row, "peak_rss_mib": peak, "params": params}
+
+def matrices(model: Path) -> dict:
+    """The model's parameter count (from the safetensors header: no tensor is read) and the sizes of the
+    matrices that bear the FLOPs: the LLM's, and the vision tower's, all of its layers and those up to the
+    one whose output the LLM gets (`vision_feature_layer`, -2 here; the layers after it do no useful work:
+    vlmtune no longer runs them, the peers do)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    with safe_open(model / "model.safetensors", "pt") as weights:
+        total = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+    layers = config.vision_config.num_hidden_layers
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    return {"total": total, "llm": _params(config.text_config, 3),
+            "vision_read": _params(config.vision_config, 2, config.vision_feature_layer % (layers + 1)),
+            "vision_all": _params(config.vision_config, 2), "patches": patches}
 
 
 def _params(config, mlp_matrices: int, layers: int | None = None) -> int:
-    h, i, n = config.hidden_size, config.intermediate_size, layers or config.num_hidden_layers
+    h, i, n = config.hidden_size, config.intermediate_size, layers if layers is not None else config.num_hidden_layers
     return n * (4 * h * h + mlp_matrices * h * i)  # attention and MLP matrices (the FLOPs-bearing ones)
+
+
+def flops(row: dict, m: dict, tune: str) -> tuple[float, float]:
+    """(useful, executed) matrix FLOPs of a run. Useful: its real tokens through the LLM, the patches the
+    LLM gets through the vision layers it reads. Executed: every position it computed (padding included)
+    through the LLM, every tower position (the class token too) through the layers it ran. Full tuning:
+    forward and both backward products (6 per parameter and token); LoRA: the frozen LLM still passes
+    gradients back (4), the frozen tower only runs forward (2). Logits (a 199-token vocabulary) and
+    attention scores are left out of both."""
+    llm, vision = (6, 6) if tune == "full" else (4, 2)
+    useful = llm * m["llm"] * row["real"] + vision * m["vision_read"] * m["patches"] * row["images"]
+    tower = m["vision_read"] if row["tool"].startswith("vlmtune") else m["vision_all"]
+    executed = llm * m["llm"] * row["positions"] + vision * tower * (m["patches"] + 1) * row["images"]
+    return useful, executed
 
 
 def main() -> None:
@@ -345,29 +365,31 @@ def main() -> None:
     # the machine's speed moves between runs (other tenants): the peak is the faster of two measurements,
     # before and after, so that a slow moment does not inflate the utilisation
     peak = max(peak, matmul_peak_gflops())
-    total = next(r["params"]["total"] for r in rows if r["params"])
-    print(f"model: {total / 1e6:.1f}M parameters, {args.tune} tuning; fp32 matmul peak on this machine: {peak:.1f} GFLOP/s")
+    m = matrices(work / "model")
+    print(f"model: {m['total'] / 1e6:.1f}M parameters, {args.tune} tuning; fp32 matmul peak on this machine: "
+          f"{peak:.1f} GFLOP/s")
+    print("MFU: useful matrix FLOPs (real tokens, the vision layers the LLM reads) per second, of that peak; "
+          "work/sample: executed matrix GFLOPs (padding and every vision layer run included) per sample; "
+          "exec: executed FLOPs per second, of the peak")
     print(f"{'tool':<15} {'loop s':>7} {'samples/s':>10} {'sup tok/s':>10} {'tok/sample':>10} {'peak MiB':>9} "
-          f"{'1st step s':>10} {'final loss':>10} {'pos/step':>8} {'MFU':>6}")
+          f"{'1st step s':>10} {'final loss':>10} {'pos/step':>8} {'MFU':>6} {'work/sample':>11} {'exec':>6}")
     for row in rows:
-        mfu = ""
-        if row["params"]:
-            p = row["params"]
-            # full: forward + both backward matmuls (6 per parameter and token); LoRA: the frozen LLM still
-            # passes gradients back (4), the frozen vision tower only runs forward (2)
-            llm, vision = (6, 6) if args.tune == "full" else (4, 2)
-            flops = llm * p["llm"] * row["real"] + vision * p["vision"] * p["image_tokens"] * row["images"]
-            mfu = f"{flops / row['seconds'] / 1e9 / peak:6.1%}"
+        useful, executed = flops(row, m, args.tune)
+        row["work"], row["rate"] = executed / row["samples"], executed / row["seconds"] / 1e9 / peak
         print(f"{row['tool']:<15} {row['seconds']:7.1f} {row['samples'] / row['seconds']:10.2f} "
               f"{row['supervised'] / row['seconds']:10.1f} {row['real'] / row['samples']:10.1f} "
               f"{row['peak_rss_mib']:9.0f} {row['first_step']:10.1f} "
-              f"{row['final_loss']:10.4f} {row['positions'] / args.steps:8.0f} {mfu:>6}")
+              f"{row['final_loss']:10.4f} {row['positions'] / args.steps:8.0f} "
+              f"{useful / row['seconds'] / 1e9 / peak:6.1%} {row['work'] / 1e9:11.2f} {row['rate']:6.1%}")
     mean = {t: sum(r["samples"] / r["seconds"] for r in rows if r["tool"] == t) / args.repeats for t in tools}
     peers = [t for t in PEERS if t in tools]
     best = max(peers, key=mean.get)
+    average = lambda tool, key: sum(r[key] for r in rows if r["tool"] == tool) / args.repeats  # noqa: E731
     for tool in TOOLS[:2]:
         print(f"{tool} samples/s vs " + ", ".join(f"{t}: {mean[tool] / mean[t]:.2f}x" for t in peers)
-              + f"; vs the best peer ({best}): {mean[tool] / mean[best]:.2f}x")
+              + f"; vs the best peer ({best}): {mean[tool] / mean[best]:.2f}x"
+              f" = {average(best, 'work') / average(tool, 'work'):.2f} ({best}'s work per sample / {tool}'s)"
+              f" x {average(tool, 'rate') / average(best, 'rate'):.2f} ({tool}'s exec / {best}'s)")
 
 
 if __name__ == "__main__":

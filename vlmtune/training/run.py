@@ -65,6 +65,7 @@ from vlmtune.training.distributed import (
     fsdp_config,
     fsdp_layer_classes,
 )
+from vlmtune.training.dropout import gap_dropout
 from vlmtune.training.housekeeping import collector_frozen, release_training_state
 from vlmtune.training.recompute import recompute
 from vlmtune.training.sharded import restore_adapter_weights
@@ -472,7 +473,10 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
         console.print(f"not run in training (their output never reaches the LLM; saved unchanged): {', '.join(unused)}")
     started = time.perf_counter()
     try:
-        with skipping(model, unused), collector_frozen():
+        with skipping(model, unused), collector_frozen(), gap_dropout(model) as swapped:
+            if swapped and args.use_cpu:
+                console.print(f"LoRA dropout on the CPU: the dropped positions of {swapped} layer(s) drawn by their gaps "
+                              "(the same Bernoulli masks, one random draw per dropped element)")
             output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             seconds = time.perf_counter() - started
             final_step = trainer.state.global_step
