@@ -7,8 +7,8 @@ tool's own chat format); each tool's useful FLOPs (MFU) and executed FLOPs (exec
 fp32 matmul peak, measured in the same run (the faster of a measurement before the runs and one after
 them), and its executed matrix work per sample; vlmtune's samples/s ratio to each peer and to the best
 one, split into its two factors: how much less work a sample costs (packing: no padding; the vision
-layers the LLM does not read are not run) and how fast that work runs (what a step spends outside
-matrix products).
+layers the LLM does not read are not run, nor the last MLP where no logit is taken) and how fast that
+work runs (what a step spends outside matrix products).
 
 TRL is a benchmark-only dependency, installed beside the environment without touching it:
 
@@ -304,7 +304,8 @@ def matrices(model: Path) -> dict:
         total = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
     layers = config.vision_config.num_hidden_layers
     patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    return {"total": total, "llm": _params(config.text_config, 3),
+    text = config.text_config
+    return {"total": total, "llm": _params(text, 3), "last_mlp": 3 * text.hidden_size * text.intermediate_size,
             "vision_read": _params(config.vision_config, 2, config.vision_feature_layer % (layers + 1)),
             "vision_all": _params(config.vision_config, 2), "patches": patches}
 
@@ -315,16 +316,20 @@ def _params(config, mlp_matrices: int, layers: int | None = None) -> int:
 
 
 def flops(row: dict, m: dict, tune: str) -> tuple[float, float]:
-    """(useful, executed) matrix FLOPs of a run. Useful: its real tokens through the LLM, the patches the
-    LLM gets through the vision layers it reads. Executed: every position it computed (padding included)
-    through the LLM, every tower position (the class token too) through the layers it ran. Full tuning:
+    """(useful, executed) matrix FLOPs of a run. Useful: its real tokens through the LLM (through its last
+    MLP only where the loss takes a logit: `supervised`), the patches the LLM gets through the vision
+    layers it reads. Executed: every position it computed (padding included) through the LLM (vlmtune:
+    its last MLP at the supervised positions), every tower position (the class token too) through the
+    layers it ran. Full tuning:
     forward and both backward products (6 per parameter and token); LoRA: the frozen LLM still passes
     gradients back (4), the frozen tower only runs forward (2). Logits (a 199-token vocabulary) and
     attention scores are left out of both."""
     llm, vision = (6, 6) if tune == "full" else (4, 2)
-    useful = llm * m["llm"] * row["real"] + vision * m["vision_read"] * m["patches"] * row["images"]
-    tower = m["vision_read"] if row["tool"].startswith("vlmtune") else m["vision_all"]
-    executed = llm * m["llm"] * row["positions"] + vision * tower * (m["patches"] + 1) * row["images"]
+    ours, last = row["tool"].startswith("vlmtune"), m["last_mlp"]
+    useful = (llm * ((m["llm"] - last) * row["real"] + last * row["supervised"])
+              + vision * m["vision_read"] * m["patches"] * row["images"])
+    lm = (m["llm"] - last) * row["positions"] + last * row["supervised"] if ours else m["llm"] * row["positions"]
+    executed = llm * lm + vision * (m["vision_read"] if ours else m["vision_all"]) * (m["patches"] + 1) * row["images"]
     return useful, executed
 
 
@@ -368,7 +373,7 @@ def main() -> None:
     m = matrices(work / "model")
     print(f"model: {m['total'] / 1e6:.1f}M parameters, {args.tune} tuning; fp32 matmul peak on this machine: "
           f"{peak:.1f} GFLOP/s")
-    print("MFU: useful matrix FLOPs (real tokens, the vision layers the LLM reads) per second, of that peak; "
+    print("MFU: useful matrix FLOPs (real tokens, the last MLP where a logit is taken, the vision layers the LLM reads) per second, of that peak; "
           "work/sample: executed matrix GFLOPs (padding and every vision layer run included) per sample; "
           "exec: executed FLOPs per second, of the peak")
     print(f"{'tool':<15} {'loop s':>7} {'samples/s':>10} {'sup tok/s':>10} {'tok/sample':>10} {'peak MiB':>9} "

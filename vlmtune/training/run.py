@@ -43,6 +43,7 @@ from vlmtune.data.records import DataError, Problem
 from vlmtune.data.shared import read_reports, shared_file, write_reports
 from vlmtune.models.family import LoadOptions
 from vlmtune.models.segments import switch_to_segments
+from vlmtune.models.labelled import kept_positions_only, last_mlp
 from vlmtune.models.skipped import skipping
 from vlmtune.models.registry import builder, families
 from vlmtune.training.checkpointing import (
@@ -473,7 +474,11 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
         console.print(f"not run in training (their output never reaches the LLM; saved unchanged): {', '.join(unused)}")
     started = time.perf_counter()
     try:
-        with skipping(model, unused), collector_frozen(), gap_dropout(model) as swapped:
+        mlp = last_mlp(model) if trainer.slice_logits else None
+        with skipping(model, unused), collector_frozen(), gap_dropout(model) as swapped, \
+                kept_positions_only(model, mlp) as trainer.kept_positions:
+            if mlp:
+                console.print(f"{mlp} runs only at the positions with a label (the others reach no logit)")
             if swapped and args.use_cpu:
                 console.print(f"LoRA dropout on the CPU: the dropped positions of {swapped} layer(s) drawn by their gaps "
                               "(the same Bernoulli masks, one random draw per dropped element)")

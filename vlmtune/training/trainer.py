@@ -1,7 +1,8 @@
 """The transformers Trainer with what multimodal fine-tuning needs on top, in one named place:
 
 - logits only where a label is (a boolean `logits_to_keep`, which transformers' models slice before
-  the LM head): the [batch, seq, vocab] logits of unlabelled prompt and image tokens are never made;
+  the LM head): the [batch, seq, vocab] logits of unlabelled prompt and image tokens are never made,
+  nor the last MLP's output there (`kept_positions`, `vlmtune.models.labelled`);
 - packed rows (`data.packing`): per-sample positions from `pack_lengths` (and the family's own
   multi-row positions), no attention mask, so attention stays inside each sample (computed per
   sample, not over the whole row, where the model runs SDPA: `vlmtune.models.segments`);
@@ -139,6 +140,7 @@ class VlmTrainer(Trainer):
         self.family = family
         self.lengths = lengths  # per training item (sample or packed row), for `data.group_by_length`
         self.slice_logits = takes_logits_to_keep(self.model)
+        self.kept_positions = None  # `vlmtune.models.labelled`: the last MLP's positions, set each step
         base = base_model(self.model)
         self.first_step = True
         self.busy = None  # keep_vision_busy's hooks: with several processes, added at the first step
@@ -203,4 +205,6 @@ class VlmTrainer(Trainer):
             inputs = packed_inputs(self.accelerator.unwrap_model(model), self.family, inputs)
         if self.slice_logits and "labels" in inputs:
             inputs["logits_to_keep"] = label_positions(inputs["labels"])
+        if self.kept_positions is not None:
+            self.kept_positions.mask = inputs.get("logits_to_keep")
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from vlmtune.config import ConfigError, RunConfig
+from vlmtune.models.labelled import last_mlp
 from vlmtune.models.registry import family_for
 from vlmtune.tuning.plan import TuningPlan
 
@@ -79,9 +80,11 @@ def dtype_bytes(cfg: RunConfig, config) -> int:
     return torch.empty(0, dtype=getattr(torch, str(saved).removeprefix("torch."))).element_size()
 
 
-def layer_activations(config, tokens: int, element: int, checkpointing: bool, skipped: int = 0) -> float:
+def layer_activations(config, tokens: int, element: int, checkpointing: bool, skipped: int = 0,
+                      last_mlp_share: float = 1.0) -> float:
     """Bytes a stack of transformer layers keeps for the backward pass, for `tokens` tokens (`skipped`:
-    layers training does not run, `Family.unused_layers`)."""
+    layers training does not run, `Family.unused_layers`; `last_mlp_share`: the share of the tokens the last
+    layer's MLP runs at, `vlmtune.models.labelled`)."""
     h = getattr(config, "hidden_size", 0) or getattr(config, "embed_dim", 0)
     layers = (getattr(config, "num_hidden_layers", 0) or getattr(config, "depth", 0)) - skipped
     if not h or not layers:
@@ -92,7 +95,7 @@ def layer_activations(config, tokens: int, element: int, checkpointing: bool, sk
     per_layer = tokens * (6 * h + 2 * kv + 4 * f) * element
     if checkpointing:
         return layers * tokens * h * element + per_layer  # each layer's input, and one layer recomputed
-    return layers * per_layer
+    return layers * per_layer - tokens * (1 - last_mlp_share) * 4 * f * element
 
 
 def estimate(cfg: RunConfig, nproc: int = 1, labelled: float = 0.5, model=None) -> Estimate:
@@ -139,7 +142,8 @@ def estimate(cfg: RunConfig, nproc: int = 1, labelled: float = 0.5, model=None) 
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     by_name = {r.component: r for r in rows}
     if trains and "llm" in by_name:  # everything upstream trains through the LLM, so it keeps its activations
-        by_name["llm"].activations = layer_activations(text_config, batch * seq, element, cfg.train.recomputes("llm"))
+        by_name["llm"].activations = layer_activations(text_config, batch * seq, element, cfg.train.recomputes("llm"),
+                                                       last_mlp_share=labelled if last_mlp(model) else 1.0)
     vision_config = getattr(config, "vision_config", None)
     size = getattr(vision_config, "image_size", 0) if vision_config is not None else 0
     vision_tokens = batch * (size // max(getattr(vision_config, "patch_size", 1), 1)) ** 2 if size else 0
