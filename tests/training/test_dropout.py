@@ -14,7 +14,7 @@ from vlmtune.training.dropout import GapDropout, dropped_positions, gap_dropout
 
 def test_positions_are_sorted_unique_and_inside():
     torch.manual_seed(0)
-    for numel, p in [(1, 0.5), (7, 0.05), (1000, 0.3), (196_608, 0.05)]:
+    for numel, p in [(0, 0.1), (1, 0.5), (7, 0.05), (1000, 0.3), (196_608, 0.05)]:
         positions = dropped_positions(numel, p)
         assert positions.dtype == torch.long
         assert positions.numel() == 0 or (positions.min() >= 0 and positions.max() < numel)
@@ -54,6 +54,7 @@ def test_forward_scales_the_kept_and_backward_zeroes_the_same_positions():
     out = layer(x)
     dropped = out == 0
     assert 0.2 < dropped.float().mean() < 0.4
+    assert layer(torch.zeros(0, 8)).shape == (0, 8)  # an empty input: nothing to drop
     assert torch.equal(out[~dropped], x.detach()[~dropped] * (1 / 0.7))
     grad = torch.randn_like(x)
     out.backward(grad)

@@ -30,6 +30,8 @@ def dropped_positions(numel: int, p: float) -> torch.Tensor:
     The gap from one dropped position to the next (from -1 to the first) is geometric on {1, 2, ...}:
     floor(log(1 - u) / log(1 - p)) + 1 for u uniform in [0, 1). Draws come from torch's default
     generator, so a seeded run repeats its masks."""
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.long)
     expected = numel * p
     chunk = int(expected + 6 * math.sqrt(expected) + 16)  # rarely too few: then another chunk
     scale = 1.0 / math.log1p(-p)
