@@ -42,8 +42,8 @@ from vlmtune.data.packing import PackedDataset, PackedRows, pack_groups
 from vlmtune.data.records import DataError, Problem
 from vlmtune.data.shared import read_reports, shared_file, write_reports
 from vlmtune.models.family import LoadOptions
-from vlmtune.models.segments import switch_to_segments
 from vlmtune.models.labelled import kept_positions_only, last_mlp
+from vlmtune.models.segments import switch_to_segments
 from vlmtune.models.skipped import skipping
 from vlmtune.models.registry import builder, families
 from vlmtune.training.checkpointing import (
