@@ -70,9 +70,7 @@ def measure(model_dir: Path, name: str) -> dict:
 
     from vlmtune.checkpoints.load import load_model
     from vlmtune.config import load_config
-    from vlmtune.models.labelled import kept_positions_only, last_mlp
-    from vlmtune.models.skipped import skipping
-    from vlmtune.training.dropout import gap_dropout
+    from vlmtune.training.housekeeping import trained_as_training_runs
     from vlmtune.training.trainer import label_positions, supervised_loss
     from vlmtune.tuning.memory import estimate
     from vlmtune.tuning.plan import TuningPlan
@@ -103,10 +101,7 @@ def measure(model_dir: Path, name: str) -> dict:
     image_tokens = (vision.image_size // vision.patch_size) ** 2
     image_id = loaded.model.config.image_token_id
     torch.manual_seed(0)
-    # as training runs: the tower without the layers after vision_feature_layer, LoRA dropout by its gaps,
-    # the last MLP at the labelled positions
-    with skipping(model, loaded.family.layers_not_run(model)), gap_dropout(model), \
-            kept_positions_only(model, last_mlp(model)) as kept:
+    with trained_as_training_runs(model, loaded.family, kept_logits=True) as form:  # as training runs it
         for _ in range(3):
             ids = torch.randint(10, 200, (batch, seq))
             ids[:, 1:1 + image_tokens] = image_id
@@ -114,8 +109,8 @@ def measure(model_dir: Path, name: str) -> dict:
             labels[:, : int(seq * (1 - LABELLED))] = -100
             pixels = torch.randn(batch, 3, vision.image_size, vision.image_size)
             keep = label_positions(labels)
-            if kept is not None:
-                kept.mask = keep
+            if form.kept is not None:
+                form.kept.mask = keep
             out = model(input_ids=ids, pixel_values=pixels, logits_to_keep=keep, use_cache=False)
             supervised_loss(out, labels).backward()
             optimizer.step()

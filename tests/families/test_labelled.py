@@ -108,9 +108,9 @@ def test_a_training_run_with_checkpointing_and_lora_gives_the_weights_of_the_who
     with_kept = run(tmp_path / "kept")
     printed = capsys.readouterr().out
     assert "model.language_model.layers.1.mlp runs only at the positions with a label" in printed
-    import vlmtune.training.run as run_module
+    import vlmtune.training.housekeeping as housekeeping
 
-    monkeypatch.setattr(run_module, "last_mlp", lambda model: None)
+    monkeypatch.setattr(housekeeping, "last_mlp", lambda model: None)
     whole = run(tmp_path / "whole")
     assert "runs only at the positions with a label" not in capsys.readouterr().out
     assert with_kept.final_loss < with_kept.first_loss

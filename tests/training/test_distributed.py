@@ -91,10 +91,7 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(tiny_vlm,
         (resumed / name).unlink()
     config = write_config(tmp_path, tiny_vlm, data, resumed, 4, TUNES[mode])
     run(config, 1, "--resume", "--force-resume")  # --force-resume: batch_size 2 -> 4 keeps the global batch
-    got = load_file(resumed / weights)
-    assert got.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert_same_weights(load_file(resumed / weights), expected)
 
 
 def test_one_process_checkpoint_resumes_on_two(tiny_vlm, tmp_path):
@@ -107,9 +104,7 @@ def test_one_process_checkpoint_resumes_on_two(tiny_vlm, tmp_path):
     for name in ("vlmtune.json", "model.safetensors"):
         (resumed / name).unlink()
     run(write_config(tmp_path, tiny_vlm, data, resumed, 2, TUNES["full"]), 2, "--resume", "--force-resume")
-    got = load_file(resumed / "model.safetensors")
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert_same_weights(load_file(resumed / "model.safetensors"), expected)
 
 
 def test_nproc_runs_the_same_command_under_torchrun(tiny_vlm, tmp_path):
@@ -173,9 +168,13 @@ def final_weights(out, mode):
 
 
 def assert_same_weights(got, expected):
+    """A key projection's bias reaches no output (softmax over keys ignores the constant q.b it adds), so
+    its gradient is rounding noise, which differs between process layouts and which Adam scales into steps:
+    it is held to 1e-4 (its values stay near 1e-5 here), every other weight to 1e-5."""
     assert got.keys() == expected.keys()
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+        atol = 1e-4 if key.endswith("k_proj.bias") else 1e-5
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=atol, msg=key)
 
 
 def resume_copy(tmp_path, done, name, mode):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from vlmtune.models.family import base_model
+from vlmtune.models.skipped import forwards_replaced
 
 
 class KeptPositions:
@@ -68,19 +69,11 @@ def _on_kept(original, kept: KeptPositions):
 @contextlib.contextmanager
 def kept_positions_only(model: nn.Module, name: str | None) -> Iterator[KeptPositions | None]:
     """Within the block the MLP at `name` (`last_mlp`) runs where `KeptPositions.mask` says; yields the
-    holder the trainer sets (None when there is no such MLP). Its own forward is back afterwards — the
-    class's, or one set on the module itself (accelerate's hooks)."""
+    holder the trainer sets (None when there is no such MLP). Its own forward is back afterwards
+    (`forwards_replaced`)."""
     if name is None:
         yield None
         return
-    module = base_model(model).get_submodule(name)
-    before = module.__dict__.get("forward")
     kept = KeptPositions()
-    module.forward = _on_kept(before or type(module).forward.__get__(module), kept)
-    try:
+    with forwards_replaced([base_model(model).get_submodule(name)], lambda original: _on_kept(original, kept)):
         yield kept
-    finally:
-        if before is None:
-            del module.forward
-        else:
-            module.forward = before

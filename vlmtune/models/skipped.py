@@ -48,15 +48,13 @@ def _passthrough(hidden_states, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def skipping(model: nn.Module, names: list[str]) -> Iterator[None]:
-    """Within the block, the named modules of `model` (as `Family.layers_not_run` names them) return
-    their input; their own `forward` is back afterwards, also when the block raises — the class's, or
-    the one set on the module itself (accelerate's device hooks wrap a module's forward that way)."""
-    base = base_model(model)
-    modules = [base.get_submodule(name) for name in names]
+def forwards_replaced(modules: list[nn.Module], replace: Callable[[Callable], Callable]) -> Iterator[None]:
+    """Within the block each module's forward is `replace(its forward)`; its own is back afterwards, also
+    when the block raises — the class's, or one set on the module itself (accelerate's device hooks wrap
+    a module's forward that way). The module tree, its keys and its hooks stay as they are."""
     before = [module.__dict__.get("forward") for module in modules]
-    for module in modules:
-        module.forward = _passthrough
+    for module, forward in zip(modules, before):
+        module.forward = replace(forward or type(module).forward.__get__(module))
     try:
         yield
     finally:
@@ -65,3 +63,12 @@ def skipping(model: nn.Module, names: list[str]) -> Iterator[None]:
                 del module.forward  # the instance attribute: the class's forward shows again
             else:
                 module.forward = forward
+
+
+@contextlib.contextmanager
+def skipping(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """Within the block, the named modules of `model` (as `Family.layers_not_run` names them) return
+    their input (`forwards_replaced`)."""
+    base = base_model(model)
+    with forwards_replaced([base.get_submodule(name) for name in names], lambda original: _passthrough):
+        yield

@@ -1,10 +1,42 @@
-"""What a run freezes and frees around the training loop, so that neither Python's garbage collector
-nor the end of the run costs what training does not need."""
+"""What a run changes, freezes and frees around the training loop, so that neither work whose output
+reaches no loss, nor Python's garbage collector, nor the end of the run costs what training does not need."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from vlmtune.models.family import Family
+from vlmtune.models.labelled import KeptPositions, kept_positions_only, last_mlp
+from vlmtune.models.skipped import skipping
+from vlmtune.training.dropout import gap_dropout
+
+
+@dataclass
+class TrainingForm:
+    """What `trained_as_training_runs` changed: the modules run as identities, the LoRA dropouts drawn by
+    their gaps, the last MLP (path) and the holder of its positions, which the trainer sets each step."""
+
+    unused: list[str]
+    dropouts: int
+    mlp: str | None
+    kept: KeptPositions | None
+
+
+@contextlib.contextmanager
+def trained_as_training_runs(model: nn.Module, family: Family, kept_logits: bool) -> Iterator[TrainingForm]:
+    """The model as training runs it, put back afterwards: the family's unused layers skipped
+    (`vlmtune.models.skipped`), LoRA dropout drawn by its gaps on the CPU (`vlmtune.training.dropout`) and,
+    where the loss takes logits only at labelled positions (`kept_logits`), the last MLP only there
+    (`vlmtune.models.labelled`). One place, so that `benchmarks/memory_plan.py` measures what training does."""
+    unused = family.layers_not_run(model)
+    mlp = last_mlp(model) if kept_logits else None
+    with skipping(model, unused), gap_dropout(model) as dropouts, kept_positions_only(model, mlp) as kept:
+        yield TrainingForm(unused, dropouts, mlp, kept)
 
 
 @contextlib.contextmanager

@@ -42,9 +42,7 @@ from vlmtune.data.packing import PackedDataset, PackedRows, pack_groups
 from vlmtune.data.records import DataError, Problem
 from vlmtune.data.shared import read_reports, shared_file, write_reports
 from vlmtune.models.family import LoadOptions
-from vlmtune.models.labelled import kept_positions_only, last_mlp
 from vlmtune.models.segments import switch_to_segments
-from vlmtune.models.skipped import skipping
 from vlmtune.models.registry import builder, families
 from vlmtune.training.checkpointing import (
     LOCK,
@@ -66,8 +64,7 @@ from vlmtune.training.distributed import (
     fsdp_config,
     fsdp_layer_classes,
 )
-from vlmtune.training.dropout import gap_dropout
-from vlmtune.training.housekeeping import collector_frozen, release_training_state
+from vlmtune.training.housekeeping import collector_frozen, release_training_state, trained_as_training_runs
 from vlmtune.training.recompute import recompute
 from vlmtune.training.sharded import restore_adapter_weights
 from vlmtune.training.logs import LOG_FILE, PLOT_FILE, JsonlLogger, StepLines, plot_loss, read_log, truncate_log
@@ -469,19 +466,18 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(StepLines)
-    unused = loaded.family.layers_not_run(model)
-    if unused:
-        console.print(f"not run in training (their output never reaches the LLM; saved unchanged): {', '.join(unused)}")
     started = time.perf_counter()
     try:
-        mlp = last_mlp(model) if trainer.slice_logits else None
-        with skipping(model, unused), collector_frozen(), gap_dropout(model) as swapped, \
-                kept_positions_only(model, mlp) as trainer.kept_positions:
-            if mlp:
-                console.print(f"{mlp} runs only at the positions with a label (the others reach no logit)")
-            if swapped and args.use_cpu:
-                console.print(f"LoRA dropout on the CPU: the dropped positions of {swapped} layer(s) drawn by their gaps "
-                              "(the same Bernoulli masks, one random draw per dropped element)")
+        with trained_as_training_runs(model, loaded.family, trainer.slice_logits) as form, collector_frozen():
+            trainer.kept_positions = form.kept
+            if form.unused:
+                console.print("not run in training (their output never reaches the LLM; saved unchanged): "
+                              + ", ".join(form.unused))
+            if form.mlp:
+                console.print(f"{form.mlp} runs only at the positions with a label (the others reach no logit)")
+            if form.dropouts and args.use_cpu:
+                console.print(f"LoRA dropout on the CPU: the dropped positions of {form.dropouts} layer(s) drawn by "
+                              "their gaps (the same Bernoulli masks, one random draw per dropped element)")
             output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             seconds = time.perf_counter() - started
             final_step = trainer.state.global_step
