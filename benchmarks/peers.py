@@ -8,7 +8,10 @@ fp32 matmul peak, measured in the same run (the faster of a measurement before t
 them), and its executed matrix work per sample; vlmtune's samples/s ratio to each peer and to the best
 one, split into its two factors: how much less work a sample costs (packing: no padding; the vision
 layers the LLM does not read are not run, nor the last MLP where no logit is taken) and how fast that
-work runs (what a step spends outside matrix products).
+work runs (what a step spends outside matrix products). vlmtune runs three ways: padded batches,
+packed rows (`data.packing`: rows of --max-length tokens, --packed-rows of them a step, so a step holds
+more samples than the peers' batch) and padding-free batches (`data.padding_free`: the peers' batch of
+--batch-size samples a step, joined in one row: the same samples per step).
 
 TRL is a benchmark-only dependency, installed beside the environment without touching it:
 
@@ -75,7 +78,9 @@ from harness import (FULL, alternate, count_batch, job_arguments, job_config, li
 from packing import make_data, make_model  # noqa: E402
 
 STARTED = time.perf_counter()
-TOOLS = ("vlmtune", "vlmtune-packed", "trl")
+TOOLS = ("vlmtune", "vlmtune-packed", "vlmtune-padding-free", "trl")
+VLMTUNE = tuple(t for t in TOOLS if t.startswith("vlmtune"))
+JOINS = {"vlmtune": None, "vlmtune-packed": "packing", "vlmtune-padding-free": "padding_free"}
 PEERS = ("trl", "llamafactory", "swift")
 
 
@@ -115,16 +120,18 @@ TUNES = {"full": FULL,
 LLM_LINEARS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, packed: bool, tune: str,
+def run_vlmtune(model: Path, data: Path, out: Path, steps: int, batch: int, join: str | None, tune: str,
                 rows: int | None = None, max_length: int = 1024) -> dict:
+    """`join`: None (padded batches), "packing" (`rows` rows of max_length tokens a step) or "padding_free"
+    (each batch of `batch` samples in one row: the peers' samples per step)."""
     import torch
 
     from vlmtune.training import trainer as trainer_module
     from vlmtune.training.run import train
 
     torch.manual_seed(0)
-    cfg = job_config(model, data, out, {"max_length": max_length, "packing": packed},
-                     {"max_steps": steps, "batch_size": rows if packed and rows else batch, "weight_decay": 0.0},
+    cfg = job_config(model, data, out, {"max_length": max_length, **({join: True} if join else {})},
+                     {"max_steps": steps, "batch_size": rows if join == "packing" and rows else batch, "weight_decay": 0.0},
                      TUNES[tune])
     seen: dict = {}
     first = first_step_callback()
@@ -286,7 +293,7 @@ def child(args) -> dict:
         row = run_swift(args.swift, model, data, out, args.steps, args.batch_size, args.tune, args.max_length)
         return {"tool": args.child, **row}
     else:
-        row = run_vlmtune(model, data, out, args.steps, args.batch_size, args.child == "vlmtune-packed", args.tune,
+        row = run_vlmtune(model, data, out, args.steps, args.batch_size, JOINS[args.child], args.tune,
                           args.packed_rows, args.max_length)
     return {"tool": args.child, **row, "peak_rss_mib": peak_rss_mib()}
 
@@ -390,7 +397,7 @@ def main() -> None:
     peers = [t for t in PEERS if t in tools]
     best = max(peers, key=mean.get)
     average = lambda tool, key: sum(r[key] for r in rows if r["tool"] == tool) / args.repeats  # noqa: E731
-    for tool in TOOLS[:2]:
+    for tool in VLMTUNE:
         print(f"{tool} samples/s vs " + ", ".join(f"{t}: {mean[tool] / mean[t]:.2f}x" for t in peers)
               + f"; vs the best peer ({best}): {mean[tool] / mean[best]:.2f}x"
               f" = {average(best, 'work') / average(tool, 'work'):.2f} ({best}'s work per sample / {tool}'s)"

@@ -3,11 +3,13 @@ labelled positions give the loss of full logits; length grouping batches similar
 
 from __future__ import annotations
 
+import json
 from unittest.mock import patch
 
 import pytest
 import torch
 from conftest import make_image, write_jsonl
+from safetensors.torch import load_file
 
 from vlmtune.checkpoints.load import load_model
 from vlmtune.config import ConfigError, load_config
@@ -154,12 +156,13 @@ def test_training_with_packing_and_length_groups_lowers_the_loss_and_reloads(fam
     assert load_model(out).family.name == family_name
 
 
-def test_packing_is_refused_for_a_family_it_is_not_tested_for(family_model, tmp_path):
+@pytest.mark.parametrize("key", ["packing", "padding_free"])
+def test_packing_is_refused_for_a_family_it_is_not_tested_for(family_model, key, tmp_path):
     cfg = load_config(tree={"model": {"path": str(family_model("gemma3", "bytelevel"))},
-                            "data": {"train": str(mixed_data(tmp_path / "data")), "packing": True},
+                            "data": {"train": str(mixed_data(tmp_path / "data")), key: True},
                             "train": {"max_steps": 1}, "output": {"dir": str(tmp_path / "out")}})
-    with pytest.raises(ConfigError, match="packed rows are not supported for the gemma3 family yet .*llava.*; set "
-                                          "data.packing=false"):
+    with pytest.raises(ConfigError, match=f"`data.{key}`: packed rows are not supported for the gemma3 family yet "
+                                          f".*llava.*; set data.{key}=false"):
         train(cfg)
 
 
@@ -255,3 +258,55 @@ def test_per_sample_attention_gives_the_row_masks_logits_and_gradients_for_long_
     cu = segments.segment_kwargs(lengths)["cu_seq_lens_q"]
     assert cu.tolist() == [0, 3, 73, 106, 107, 200, 400]
     assert sorted(index.shape[1] for index, _ in segments._groups(cu)[0]) == [32, 64, 96, 224]
+
+
+@pytest.mark.parametrize("family_name,kind", [("llava", "sentencepiece"), ("qwen2_vl", "bytelevel"),
+                                              ("idefics3", "bytelevel_bos")])
+def test_padding_free_batches_train_like_padded_ones(family_model, family_name, kind, tmp_path, capsys):
+    """The same samples each step as unpacked training (the sampler is unchanged), joined in one row: the
+    step losses and the saved weights of the padded run, without computing its padding."""
+    model_dir = family_model(family_name, kind)
+    data = mixed_data(tmp_path / "data", count=9)
+
+    def run(name, **data_settings):
+        out = tmp_path / name
+        cfg = load_config(tree={"model": {"path": str(model_dir)},
+                                "data": {"train": str(data), "max_length": 160, **data_settings},
+                                "tune": {"vision": "full", "projector": "full", "llm": "full"},
+                                "train": {"max_steps": 6, "batch_size": 3, "lr": 1e-2, "logging_steps": 1,
+                                          "save_steps": 0, "warmup_ratio": 0.0, "seed": 5},
+                                "output": {"dir": str(out)}})
+        result = train(cfg)
+        steps = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+        return result, [s["loss"] for s in steps if "loss" in s], load_file(out / "model.safetensors")
+
+    padded, padded_losses, padded_weights = run("padded")
+    assert "data.padding_free:" not in capsys.readouterr().out
+    joined, joined_losses, joined_weights = run("joined", padding_free=True)
+    assert "data.padding_free: each batch's 3 samples joined in one row" in capsys.readouterr().out
+    assert len(joined_losses) == len(padded_losses) == 6
+    assert joined_losses == pytest.approx(padded_losses, rel=1e-4)
+    assert joined.final_loss < joined.first_loss
+    assert joined_weights.keys() == padded_weights.keys()
+    for key in padded_weights:
+        torch.testing.assert_close(joined_weights[key], padded_weights[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_one_padding_free_row_holds_the_batch_and_its_images(family_model, tmp_path):
+    loaded = load_model(family_model("llava", "bytelevel"))
+    dataset = encoded(loaded, mixed_data(tmp_path / "data"))
+    rows = PackedDataset(dataset, None)
+    assert len(rows) == len(dataset)  # one sample a row: the sampler draws samples, as unpacked
+    batch = PackedRows(collator_for(loaded.family, loaded.processor.tokenizer.pad_token_id), one_row=True)(
+        [rows[i] for i in (4, 0, 6)])
+    sizes = [len(dataset[i]["input_ids"]) for i in (4, 0, 6)]
+    assert batch["input_ids"].shape == (1, sum(sizes))
+    assert batch["pack_lengths"].tolist() == [sizes + [0]]
+    assert batch["pack_images"].tolist() == [[2, 1, 0, 0]]  # sample 4 has two images, the text sample none
+    assert batch["pixel_values"].shape[0] == 3
+
+
+def test_packing_and_padding_free_are_refused_together(tmp_path):
+    with pytest.raises(ConfigError, match="`data.packing` and `data.padding_free` both join samples into rows: choose one"):
+        load_config(tree={"model": {"path": "m"}, "data": {"train": "t.jsonl", "packing": True, "padding_free": True},
+                          "output": {"dir": str(tmp_path)}})

@@ -37,8 +37,8 @@ def mixed_color_data(folder):
     return write_jsonl(folder / "train.jsonl", records)
 
 
-def write_config(tmp_path, model, data, out, batch_size, tune, **train):
-    cfg = {"model": {"path": str(model)}, "data": {"train": str(data), "max_length": 256},
+def write_config(tmp_path, model, data, out, batch_size, tune, data_extra=None, **train):
+    cfg = {"model": {"path": str(model)}, "data": {"train": str(data), "max_length": 256, **(data_extra or {})},
            "tune": tune,
            "train": {"max_steps": 6, "batch_size": batch_size, "lr": 1e-2, "logging_steps": 1, "save_steps": 2,
                      "warmup_ratio": 0.0, "seed": 3, **train},
@@ -92,6 +92,18 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(tiny_vlm,
     config = write_config(tmp_path, tiny_vlm, data, resumed, 4, TUNES[mode])
     run(config, 1, "--resume", "--force-resume")  # --force-resume: batch_size 2 -> 4 keeps the global batch
     assert_same_weights(load_file(resumed / weights), expected)
+
+
+def test_two_padding_free_processes_train_like_one_padded(tiny_vlm, tmp_path):
+    """Each process joins its micro-batch of 2 into one row (half the rows text-only, the tower trained):
+    the losses and weights of one padded process with the same global batch."""
+    data = mixed_color_data(tmp_path / "data")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(write_config(tmp_path, tiny_vlm, data, one, 4, TUNES["full"]), 1)
+    printed = run(write_config(tmp_path, tiny_vlm, data, two, 2, TUNES["full"], {"padding_free": True}), 2)
+    assert "data.padding_free: each batch's 2 samples joined in one row" in printed
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    assert_same_weights(final_weights(two, "full"), final_weights(one, "full"))
 
 
 def test_one_process_checkpoint_resumes_on_two(tiny_vlm, tmp_path):

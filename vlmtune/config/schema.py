@@ -132,6 +132,11 @@ class DataConfig(Section):
         False, description="Pack several samples into each row (padding-free): per-sample positions, attention that "
         "never crosses samples, images kept with their samples. Same loss as unpacked batches, fewer wasted tokens."
     )
+    padding_free: bool = Field(
+        False, description="Join each batch's `train.batch_size` samples end to end in one row instead of padding "
+        "them: the same batches, steps and loss as unpacked training (`data.packing` fills rows of data.max_length "
+        "tokens instead, so a step holds more samples), without computing the padding; attention per sample."
+    )
     image_cache_mb: int = Field(
         1024, ge=0, description="Keep each sample's processed image inputs in memory, up to this many MiB (per "
         "data-loader process), so later epochs decode and preprocess no image again; 0 turns it off."
@@ -145,6 +150,13 @@ class DataConfig(Section):
     @classmethod
     def _as_list(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_way_to_join(self) -> DataConfig:
+        if self.packing and self.padding_free:
+            raise ValueError("`data.packing` and `data.padding_free` both join samples into rows: choose one "
+                             "(padding_free keeps train.batch_size samples a step; packing fills rows of data.max_length tokens)")
+        return self
 
 
 class LoraSettings(Section):

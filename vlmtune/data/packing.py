@@ -1,7 +1,8 @@
-"""Packed rows (`data.packing`): several encoded samples per row, so a batch carries no padding.
+"""Packed rows (`data.packing`, `data.padding_free`): several encoded samples per row, so a batch carries
+no padding.
 
-Samples are placed whole (first fit, longest first) into rows of at most `data.max_length` tokens;
-truncation happened before, at encoding, with its usual rules. A row keeps its samples' images in
+Samples are placed whole (first fit, longest first) into rows of at most `data.max_length` tokens, or
+(`data.padding_free`) each batch's samples make its one row; truncation happened before, at encoding, with its usual rules. A row keeps its samples' images in
 order and says where each sample starts (`pack_lengths`) and how many images it has
 (`pack_images`); the training step turns that into per-sample positions, from which transformers
 builds attention that never crosses samples. The first label of every sample is ignored, so no
@@ -35,12 +36,14 @@ def pack_groups(lengths: list[int], max_length: int) -> list[list[int]]:
 
 
 class PackedDataset(Dataset):
-    """Rows of whole samples from a `ConversationDataset`; images load per sample, as before."""
+    """Rows of whole samples from a `ConversationDataset`; images load per sample, as before. Without
+    `max_length` every sample is a row of its own, which `PackedRows(one_row=True)` joins per batch
+    (`data.padding_free`): the sampler, and so the batches, stay those of unpacked training."""
 
-    def __init__(self, dataset, max_length: int):
+    def __init__(self, dataset, max_length: int | None):
         self.dataset = dataset
         self.lengths = [len(item.input_ids) for item in dataset.items]
-        self.groups = pack_groups(self.lengths, max_length)
+        self.groups = pack_groups(self.lengths, max_length) if max_length else [[i] for i in range(len(self.lengths))]
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -60,11 +63,14 @@ class PackedRows:
     own, with positions from 0 and no labels). No attention mask: positions say where samples start."""
 
     collator: object  # the unpacked `Collator`: its pad id, per-token keys and image concatenation
+    one_row: bool = False  # `data.padding_free`: the batch's rows (one sample each) joined into one
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         c = self.collator
         if "samples" not in rows[0]:  # evaluation data is not packed
             return c(rows)
+        if self.one_row:
+            rows = [{key: [x for row in rows for x in row[key]] for key in ("samples", "images")}]
         joined = [self._join(row) for row in rows]
         longest = max(len(r["input_ids"]) for r in joined)
         batch = {"input_ids": c._pad([r["input_ids"] for r in joined], longest, c.pad_token_id)}

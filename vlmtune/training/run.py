@@ -358,10 +358,11 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     loaded = load_or_build(cfg)
     for line in loaded.report():
         console.print(line)
-    if cfg.data.packing and not loaded.family.packing:
+    joined = "packing" if cfg.data.packing else "padding_free" if cfg.data.padding_free else None
+    if joined and not loaded.family.packing:
         able = ", ".join(f.name for f in families() if f.packing)
-        raise ConfigError(f"`data.packing`: packed rows are not supported for the {loaded.family.name} family yet (they "
-                          f"are for {able}); set data.packing=false")
+        raise ConfigError(f"`data.{joined}`: packed rows are not supported for the {loaded.family.name} family yet (they "
+                          f"are for {able}); set data.{joined}=false")
     max_pixels = cfg.data.max_image_pixels if cfg.data.downscale_large_images else None
     encoder = SampleEncoder(loaded.processor, loaded.family, cfg.data.max_length, cfg.data.loss_on, cfg.data.chat_template,
                             max_pixels)
@@ -444,13 +445,17 @@ def _train_holding_output_dir(cfg: RunConfig, out: Path, resume: str | bool | No
     eval_dataset = ConversationDataset(eval_data.encoded, loaded.processor, loaded.family, max_pixels,
                                        cache) if eval_data else None
     collator = collator_for(loaded.family, loaded.processor.tokenizer.pad_token_id)
-    if cfg.data.packing:
-        dataset, collator = PackedDataset(dataset, cfg.data.max_length), PackedRows(collator)
-        per_sample = switch_to_segments(model)
-        console.print(f"data.packing: {len(train_data.encoded)} samples in {len(dataset)} row(s) of up to "
-                      f"{cfg.data.max_length} tokens ({sum(dataset.row_lengths()) / len(dataset):.0f} on average)"
-                      + ("; attention per sample (sdpa_packed)" if per_sample else ""))
-    lengths = (dataset.row_lengths() if cfg.data.packing else [len(item.input_ids) for item in dataset.items]
+    if joined:
+        dataset = PackedDataset(dataset, cfg.data.max_length if cfg.data.packing else None)
+        collator = PackedRows(collator, one_row=cfg.data.padding_free)
+        per_sample = "; attention per sample (sdpa_packed)" if switch_to_segments(model) else ""
+        if cfg.data.packing:
+            console.print(f"data.packing: {len(train_data.encoded)} samples in {len(dataset)} row(s) of up to "
+                          f"{cfg.data.max_length} tokens ({sum(dataset.row_lengths()) / len(dataset):.0f} on average)"
+                          + per_sample)
+        else:
+            console.print(f"data.padding_free: each batch's {cfg.train.batch_size} samples joined in one row" + per_sample)
+    lengths = (dataset.row_lengths() if joined else [len(item.input_ids) for item in dataset.items]
                ) if cfg.data.group_by_length else None
     trainer = VlmTrainer(
         model=model,

@@ -3,7 +3,7 @@
 - logits only where a label is (a boolean `logits_to_keep`, which transformers' models slice before
   the LM head): the [batch, seq, vocab] logits of unlabelled prompt and image tokens are never made,
   nor the last MLP's output there (`kept_positions`, `vlmtune.models.labelled`);
-- packed rows (`data.packing`): per-sample positions from `pack_lengths` (and the family's own
+- packed rows (`data.packing`, `data.padding_free`): per-sample positions from `pack_lengths` (and the family's own
   multi-row positions), no attention mask, so attention stays inside each sample (computed per
   sample, not over the whole row, where the model runs SDPA: `vlmtune.models.segments`);
 - length-grouped batches from lengths known after encoding (the stock sampler would load every
