@@ -129,7 +129,7 @@ class DataConfig(Section):
         "no `../`, absolute paths or symlinks leading out."
     )
     packing: bool = Field(
-        False, description="Pack several samples into each row (padding-free): per-sample positions, attention that "
+        False, description="Pack several samples into each row of up to data.max_length tokens: per-sample positions, attention that "
         "never crosses samples, images kept with their samples. Same loss as unpacked batches, fewer wasted tokens."
     )
     padding_free: bool = Field(

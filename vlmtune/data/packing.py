@@ -2,11 +2,12 @@
 no padding.
 
 Samples are placed whole (first fit, longest first) into rows of at most `data.max_length` tokens, or
-(`data.padding_free`) each batch's samples make its one row; truncation happened before, at encoding, with its usual rules. A row keeps its samples' images in
-order and says where each sample starts (`pack_lengths`) and how many images it has
-(`pack_images`); the training step turns that into per-sample positions, from which transformers
-builds attention that never crosses samples. The first label of every sample is ignored, so no
-token learns to predict the next sample: the loss equals that of the samples run one by one."""
+(`data.padding_free`) each batch's samples make its one row; truncation happened before, at encoding,
+with its usual rules. A row keeps its samples' images in order and says where each sample starts
+(`pack_lengths`) and how many images it has (`pack_images`); the training step turns that into
+per-sample positions, from which transformers builds attention that never crosses samples. The first
+label of every sample is ignored, so no token learns to predict the next sample: the loss equals that
+of the samples run one by one."""
 
 from __future__ import annotations
 

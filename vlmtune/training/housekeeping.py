@@ -78,7 +78,7 @@ def give_back_freed_memory() -> bool:
     LLaVA's run peaked after training, 235 MiB above its training steps."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library by that call (Windows), or no glibc
         return False
     trim(0)
     return True
